@@ -1,0 +1,150 @@
+"""The ``inferwatch`` command: run the daemon, check a config, run the demo.
+
+Exit codes: 0 success, 1 unexpected failure (a bug; see the log), 2 a usage or config error, 130
+stopped by a second signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from monitor import __version__
+from monitor.errors import InferWatchError
+
+log = logging.getLogger("inferwatch")
+
+EPILOG = """\
+examples:
+  inferwatch run -c configs/inferwatch.yaml                  consume from Kafka as configured
+  inferwatch run -c configs/inferwatch.yaml --bootstrap kafka:9092 --group ml-watch
+  inferwatch run -c configs/inferwatch.yaml --input logs/*.jsonl.gz --output detections.jsonl
+  inferwatch check -c configs/inferwatch.yaml                validate a config (exit 2 when invalid)
+  inferwatch demo --duration 60                              everything on an embedded broker
+
+docs: README.md; metrics at http://HOST:9108/metrics (port: http.port or --http-port)
+"""
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", help="config file (YAML); defaults apply without one")
+    p.add_argument("--bootstrap", metavar="HOST:PORT[,HOST:PORT]", help="override kafka.bootstrap_servers")
+    p.add_argument("--topic", metavar="NAME", help="override kafka.topics.logs (the topic to watch)")
+    p.add_argument("--group", metavar="ID", help="override kafka.group_id (the consumer group)")
+    p.add_argument("--http-port", metavar="PORT", type=int, help="override http.port (0 picks a free port)")
+    p.add_argument("--state-dir", metavar="DIR", help="override state.dir (checkpoints, spool)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override logging.level")
+    p.add_argument("--log-format", choices=["json", "text"], help="override logging.format")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "bootstrap", None):
+        out["kafka.bootstrap_servers"] = [s.strip() for s in args.bootstrap.split(",") if s.strip()]
+    if getattr(args, "topic", None):
+        out["kafka.topics.logs"] = args.topic
+    if getattr(args, "group", None):
+        out["kafka.group_id"] = args.group
+    if getattr(args, "http_port", None) is not None:
+        out["http.port"] = args.http_port
+    if getattr(args, "state_dir", None):
+        out["state.dir"] = args.state_dir
+    if getattr(args, "log_level", None):
+        out["logging.level"] = args.log_level
+    if getattr(args, "log_format", None):
+        out["logging.format"] = args.log_format
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="inferwatch",
+        description="Runtime security monitor for deployed ML models: reads inference logs from Kafka, "
+                    "detects drift, low confidence, probing and resource abuse, and publishes detections.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--version", action="version", version=f"inferwatch {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon (detect stage) on Kafka or on files",
+                         description="Consume inference logs in a consumer group, run the detectors, publish "
+                                     "detections and dead letters, commit offsets once they are durable. "
+                                     "With --input, read JSONL/JSONL.gz files (or - for stdin) instead.",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_overrides(run)
+    run.add_argument("--input", metavar="FILE", nargs="+",
+                     help="read events from files (JSONL, JSONL.gz, globs, - for stdin) instead of Kafka")
+    run.add_argument("--output", metavar="FILE",
+                     help="with --input: write detections as JSON lines here (default: stdout)")
+    run.add_argument("--dead-letters", metavar="FILE",
+                     help="with --input: write dead letters here (default: STATE_DIR/dead-letters.jsonl)")
+    run.add_argument("--stage", choices=["detect"], default="detect",
+                     help="which stage to run (the respond stage comes with playbooks)")
+
+    check = sub.add_parser("check", help="validate a config file; exit 2 with the reason when invalid")
+    check.add_argument("-c", "--config", metavar="FILE", required=True, help="config file to check")
+
+    demo = sub.add_parser("demo", help="run the whole flow on an embedded broker with a real model's traffic",
+                          description="Starts the embedded Kafka-protocol broker (unless --bootstrap is given), "
+                                      "streams traffic of a scikit-learn model with injected incidents (a drift, "
+                                      "a probing client, a latency spike, malformed messages), runs the daemon "
+                                      "and prints detections as they happen.")
+    demo.add_argument("--bootstrap", metavar="HOST:PORT", help="use this broker instead of starting one")
+    demo.add_argument("--duration", type=float, default=60.0, metavar="SECONDS",
+                      help="stop after this long (default 60)")
+    demo.add_argument("--rate", type=float, default=2000.0, metavar="EVENTS/S",
+                      help="traffic rate (default 2000)")
+    demo.add_argument("--http-port", type=int, default=9108, metavar="PORT",
+                      help="metrics port (default 9108; 0 picks a free one)")
+    demo.add_argument("--state-dir", metavar="DIR", help="state directory (default: a temporary one)")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command is None:
+        parser().print_help()
+        return 2
+    try:
+        if args.command == "check":
+            return cmd_check(args)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "demo":
+            from monitor.demo.run import run_demo
+
+            return run_demo(args)
+    except InferWatchError as exc:
+        print(f"inferwatch: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from monitor.config import load_config
+
+    config = load_config(args.config)
+    detectors = ", ".join(config.detectors) or "none"
+    print(f"{args.config}: ok (watching {', '.join(config.models.watch)}; detectors: {detectors}; "
+          f"logs topic {config.kafka.topics.logs} on {','.join(config.kafka.bootstrap_servers)})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from monitor.config import load_config
+    from monitor.daemon import DetectDaemon
+    from monitor.ops import logs
+
+    config = load_config(args.config, overrides(args))
+    logs.setup(config.logging.level, config.logging.format)
+    if (args.output or args.dead_letters) and not args.input:
+        raise InferWatchError("--output and --dead-letters go with --input (with Kafka, outputs go to topics)")
+    detections_out = None
+    if args.input:
+        detections_out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    dead_letters = Path(args.dead_letters) if args.dead_letters else Path(config.state.dir) / "dead-letters.jsonl"
+    daemon = DetectDaemon(config, inputs=args.input, detections_out=detections_out, dead_letters_out=dead_letters)
+    daemon.install_signal_handlers()
+    return daemon.run()

@@ -1,0 +1,234 @@
+"""The daemon's configuration: its schema, defaults, loading from YAML and command-line overrides.
+
+Every key is typed with msgspec, so a wrong key or value is reported with the file, the YAML path
+and what was expected (``configs/x.yaml: $.kafka.poll.max_records: Expected `int` >= 1``), and
+``inferwatch check`` exits 2 on it. Detector parameters are checked by each detector's own schema
+(see ``monitor.detectors``), also at load time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from monitor.errors import ConfigError
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"5m"``, ``"1h"``, ``"250ms"``; raises ValueError otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"a duration cannot be negative, got {text}")
+        return float(text)
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {text!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Config sections reject unknown keys, so a typo is an error rather than a silent default."""
+
+
+class Topics(Base):
+    logs: str = "inference-logs"
+    dead_letters: str = "inference-logs.dlq"
+    detections: str = "detections"
+
+
+class Poll(Base):
+    max_records: PositiveInt = 5000
+    timeout_ms: PositiveInt = 500
+
+
+class Kafka(Base):
+    bootstrap_servers: list[str] = msgspec.field(default_factory=lambda: ["localhost:9092"])
+    topics: Topics = msgspec.field(default_factory=Topics)
+    group_id: str = "inferwatch-detect"
+    client_id: str = "inferwatch"
+    # Passed unchanged to kafka-python (security_protocol, sasl_mechanism, sasl_plain_username,
+    # sasl_plain_password, ssl_cafile, ssl_certfile, ssl_keyfile, ...). Values of the form
+    # ${VAR} are read from the environment so passwords can live in a Kubernetes Secret.
+    security: dict[str, Any] = msgspec.field(default_factory=dict)
+    poll: Poll = msgspec.field(default_factory=Poll)
+    # Where a new consumer group starts: earliest replays what the topic retains, latest skips it.
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # Create missing topics at start (only where the broker allows it).
+    create_topics: bool = False
+    topic_partitions: PositiveInt = 6
+    # How long to wait for the broker to acknowledge the batch's outputs before retrying.
+    ack_timeout: str = "10s"
+    session_timeout_ms: PositiveInt = 10000
+    max_poll_interval_ms: PositiveInt = 300000
+
+
+class ModelOverride(Base):
+    model: str  # glob on the model name
+    # detector name -> parameters replacing the defaults, or false to switch it off for these models
+    detectors: dict[str, dict[str, Any] | bool] = msgspec.field(default_factory=dict)
+
+
+class Models(Base):
+    watch: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    ignore: list[str] = msgspec.field(default_factory=list)
+    overrides: list[ModelOverride] = msgspec.field(default_factory=list)
+
+
+class Limits(Base):
+    max_message_bytes: PositiveInt = 1_048_576
+    max_features: PositiveInt = 4096
+    # Models beyond this many are still counted, but not given detectors (bounded memory).
+    max_models: PositiveInt = 1000
+    max_string_chars: PositiveInt = 512
+
+
+class Http(Base):
+    host: str = "0.0.0.0"
+    port: Port = 9108
+    # Without a broker round trip in this long, /readyz turns false.
+    ready_timeout: str = "30s"
+
+
+class State(Base):
+    dir: str = "./state"
+    checkpoint_interval: str = "60s"
+
+
+class Logging(Base):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+
+class Config(Base):
+    kafka: Kafka = msgspec.field(default_factory=Kafka)
+    models: Models = msgspec.field(default_factory=Models)
+    # detector name -> its parameters; every detector listed here runs on every watched model
+    detectors: dict[str, dict[str, Any]] = msgspec.field(
+        default_factory=lambda: {"drift": {}}
+    )
+    limits: Limits = msgspec.field(default_factory=Limits)
+    http: Http = msgspec.field(default_factory=Http)
+    state: State = msgspec.field(default_factory=State)
+    logging: Logging = msgspec.field(default_factory=Logging)
+    source: str = "<defaults>"  # the file it came from, for messages; not a YAML key
+
+    def watches(self, model: str) -> bool:
+        if any(fnmatch.fnmatchcase(model, glob) for glob in self.models.ignore):
+            return False
+        return any(fnmatch.fnmatchcase(model, glob) for glob in self.models.watch)
+
+    def detector_params(self, model: str) -> dict[str, dict[str, Any]]:
+        """The detectors that run on ``model`` and their parameters, overrides applied (first match wins)."""
+        chosen = {name: dict(params) for name, params in self.detectors.items()}
+        for override in self.models.overrides:
+            if not fnmatch.fnmatchcase(model, override.model):
+                continue
+            for name, params in override.detectors.items():
+                if params is False:
+                    chosen.pop(name, None)
+                elif params is True:
+                    chosen.setdefault(name, {})
+                else:
+                    chosen[name] = {**chosen.get(name, {}), **params}
+            break
+        return chosen
+
+
+def _yaml_path(msgspec_path: str) -> str:
+    return msgspec_path.replace("`", "")
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read, validate and return the config; ``overrides`` maps dotted keys to command-line values."""
+    source = str(path) if path else "<defaults>"
+    raw: Any = {}
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read the config file: {exc.strerror}") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{source}:{where}: not valid YAML: {problem}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: $: expected a mapping of sections (kafka, models, ...), got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: $.{key}: expected a mapping")
+        node[leaf] = value
+    try:
+        config = msgspec.convert(raw, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(str(exc))}") from None
+    config.source = source
+    _check_semantics(config)
+    return config
+
+
+def _describe(message: str) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.kafka.poll.max_records`"; lead with the path.
+    if " - at " in message:
+        what, where = message.rsplit(" - at ", 1)
+        return f"{_yaml_path(where)}: {what}"
+    return f"$: {message}"
+
+
+def _check_semantics(config: Config) -> None:
+    from monitor.detectors import registry  # detectors import config types, not the reverse at import time
+
+    where = config.source
+    for key in ("ack_timeout",):
+        _duration(where, f"$.kafka.{key}", getattr(config.kafka, key))
+    _duration(where, "$.http.ready_timeout", config.http.ready_timeout)
+    _duration(where, "$.state.checkpoint_interval", config.state.checkpoint_interval)
+    if not config.kafka.bootstrap_servers:
+        raise ConfigError(f"{where}: $.kafka.bootstrap_servers: expected at least one host:port")
+    for i, server in enumerate(config.kafka.bootstrap_servers):
+        if not re.match(r"^[^\s:]+:\d{1,5}$", server):
+            raise ConfigError(f"{where}: $.kafka.bootstrap_servers[{i}]: expected host:port, got {server!r}")
+    topics = config.kafka.topics
+    if len({topics.logs, topics.dead_letters, topics.detections}) != 3:
+        raise ConfigError(f"{where}: $.kafka.topics: logs, dead_letters and detections must be three different topics")
+    for name, params in config.detectors.items():
+        registry.check_params(name, params, f"{where}: $.detectors.{name}")
+    for i, override in enumerate(config.models.overrides):
+        for name, params in override.detectors.items():
+            path = f"{where}: $.models.overrides[{i}].detectors.{name}"
+            if isinstance(params, bool):
+                registry.check_name(name, path)
+            else:
+                merged = {**config.detectors.get(name, {}), **params}
+                registry.check_params(name, merged, path)
+
+
+def _duration(where: str, path: str, value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {path}: {exc}") from None
+
+
+def seconds(value: str) -> float:
+    """A config duration already validated by load_config."""
+    return parse_duration(value)

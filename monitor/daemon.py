@@ -1,0 +1,254 @@
+"""The detect stage as a long-running process: poll, detect, publish, commit, with health, metrics,
+scheduled checkpoints and a clean stop.
+
+The loop's one promise: offsets move only after the batch's outputs are durable. When the broker is
+away the loop keeps the batch in hand, retries with backoff (logged once), reports not-ready, and goes
+on where it stopped when the broker is back. SIGTERM or SIGINT finishes the batch, commits, checkpoints
+and closes; a second signal stops at once (the uncommitted batch is then redelivered: nothing is lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from kafka.errors import CommitFailedError, KafkaError
+
+from monitor import __version__
+from monitor.config import Config, seconds
+from monitor.detections import Detection
+from monitor.ops.http import HttpServer
+from monitor.ops.metrics import Metrics
+from monitor.ops.scheduler import Jobs
+from monitor.ops.state import CheckpointStore
+from monitor.pipeline import Pipeline
+from monitor.publish import FileOutputs, KafkaOutputs, PublishError, Spool
+
+log = logging.getLogger("inferwatch.daemon")
+
+# How long a stop waits for an unreachable broker to take the last batch before giving it up to
+# redelivery.
+STOP_GRACE_SECONDS = 15.0
+# /healthz fails when the loop has not turned for this long (a hung process, not a slow broker).
+LOOP_STALL_SECONDS = 120.0
+
+
+class DetectDaemon:
+    def __init__(self, config: Config, *, inputs: Sequence[str] | None = None,
+                 detections_out: Any = None, dead_letters_out: Path | None = None,
+                 http: bool = True, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.metrics.build.info({"version": __version__})
+        self.inputs = list(inputs or [])
+        self.store = CheckpointStore(config.state.dir)
+        self.store.prepare()
+        restored = self.store.load("detectors") or {}
+        if restored:
+            log.info("restored detector state of %d models from %s", len(restored), self.store.dir)
+        self.pipeline = Pipeline(config, self.metrics, restored)
+        self.stopping = threading.Event()
+        self.listeners: list[Callable[[Detection], None]] = []
+        self.source: Any = None
+        self.outputs: Any = None
+        self._detections_out = detections_out
+        self._dead_letters_out = dead_letters_out
+        self._ready_reason = "starting"
+        self._last_loop = time.monotonic()
+        self._stopped_at: float | None = None
+        self.jobs = Jobs(self.metrics)
+        self.http: HttpServer | None = None
+        if http:
+            self.http = HttpServer(config.http.host, config.http.port, self.metrics, self.health, self.readiness)
+        self.processed = 0
+
+    # -- probes --------------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict]:
+        stalled = time.monotonic() - self._last_loop
+        return stalled < LOOP_STALL_SECONDS, {"loop_seconds_ago": round(stalled, 3)}
+
+    def readiness(self) -> tuple[bool, dict]:
+        ok = self._ready_reason == "ok"
+        return ok, {"reason": self._ready_reason}
+
+    def _set_ready(self, reason: str) -> None:
+        if reason != self._ready_reason:
+            (log.info if reason == "ok" else log.warning)("readiness: %s", reason)
+        self._ready_reason = reason
+        self.metrics.ready.set(1 if reason == "ok" else 0)
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum: int, _frame: Any) -> None:
+            if self.stopping.is_set():
+                log.warning("second %s: stopping now; the uncommitted batch will be redelivered",
+                            signal.Signals(signum).name)
+                raise KeyboardInterrupt
+            log.info("%s received: finishing the batch, committing and stopping", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def stop(self) -> None:
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
+        self.stopping.set()
+
+    def run(self) -> int:
+        if self.http:
+            self.http.start()
+            log.info("HTTP on %s:%d (/metrics, /healthz, /readyz)", self.config.http.host, self.http.port)
+        checkpoint_due = self.jobs.flag_every("checkpoint", seconds(self.config.state.checkpoint_interval))
+        self.jobs.start()
+        try:
+            if self.inputs:
+                self._run_files(checkpoint_due)
+            else:
+                self._run_kafka(checkpoint_due)
+        except KeyboardInterrupt:
+            log.warning("stopped without the final commit")
+            return 130
+        finally:
+            self.jobs.stop()
+            if self.source is not None and hasattr(self.source, "close"):
+                self.source.close()
+            if self.outputs is not None:
+                self.outputs.close()
+            if self.http:
+                self.http.stop()
+        log.info("stopped after %d events", self.processed)
+        return 0
+
+    def _checkpoint(self, reason: str) -> None:
+        try:
+            took = self.store.save("detectors", self.pipeline.state())
+            self.metrics.checkpoint_seconds.set(took)
+            self.jobs.done("checkpoint", True)
+            log.debug("checkpoint (%s) in %.3fs", reason, took)
+        except Exception:
+            self.jobs.done("checkpoint", False)
+            log.exception("checkpoint (%s) failed; state will be re-learned after a restart", reason)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def _run_files(self, checkpoint_due: threading.Event) -> None:
+        from monitor.sources.files import FileSource
+
+        self.source = FileSource(self.inputs, self.config.kafka.poll.max_records, self.config.limits.max_message_bytes)
+        self.outputs = FileOutputs(self._detections_out, self._dead_letters_out)
+        self.outputs.listeners.extend(self.listeners)
+        self._set_ready("ok")
+        for records in self.source.batches():
+            self._last_loop = time.monotonic()
+            with self.metrics.batch_seconds.time():
+                result = self.pipeline.process(records)
+                self.outputs.publish(result)
+            self.metrics.batch_events.observe(len(records))
+            self.processed += len(records)
+            if checkpoint_due.is_set():
+                checkpoint_due.clear()
+                self._checkpoint("interval")
+            if self.stopping.is_set():
+                log.info("stopping before the end of the input")
+                break
+        self._checkpoint("end of input")
+
+    # -- kafka ---------------------------------------------------------------------------------
+
+    def _run_kafka(self, checkpoint_due: threading.Event) -> None:
+        from monitor.sources.kafka import KafkaSource, ack_timeout, ensure_topics, make_producer, wait_for_broker
+
+        self._set_ready("waiting for the broker")
+        wait_for_broker(self.config, self.stopping)
+        if self.stopping.is_set():
+            return
+        if self.config.kafka.create_topics:
+            ensure_topics(self.config)
+        max_request = max(1_048_576, self.config.limits.max_message_bytes + 128 * 1024)
+        producer = make_producer(self.config, max_request_size=max_request)
+        topics = self.config.kafka.topics
+        self.outputs = KafkaOutputs(producer, topics.detections, topics.dead_letters,
+                                    Spool(Path(self.config.state.dir) / "undeliverable.jsonl"),
+                                    ack_timeout(self.config), max_request)
+        self.outputs.listeners.extend(self.listeners)
+        self.source = KafkaSource(self.config, self.metrics)
+        self._set_ready("ok")
+        last_lag = 0.0
+        while not self.stopping.is_set():
+            self._last_loop = time.monotonic()
+            if checkpoint_due.is_set():
+                checkpoint_due.clear()
+                self._checkpoint("interval")
+            try:
+                records = self.source.poll()
+            except KafkaError as exc:
+                self._set_ready(f"poll failed: {type(exc).__name__}")
+                self.stopping.wait(1.0)
+                continue
+            now = time.monotonic()
+            if not records:
+                reachable = self.source.broker_reachable()
+                self.metrics.broker_up.set(1 if reachable else 0)
+                self._set_ready("ok" if reachable else "broker unreachable")
+                if now - last_lag > 1.0:
+                    self.source.update_lag()
+                    last_lag = now
+                continue
+            self.metrics.broker_up.set(1)
+            with self.metrics.batch_seconds.time():
+                result = self.pipeline.process(records)
+                delivered = self._deliver(result, records)
+            self.metrics.batch_events.observe(len(records))
+            if not delivered:
+                break
+            self.processed += len(records)
+            if now - last_lag > 1.0:
+                self.source.update_lag()
+                last_lag = now
+        self._checkpoint("stop")
+
+    def _retrying(self, what: str, attempt: Callable[[], None], failures: Any) -> bool:
+        """Run ``attempt`` until it succeeds; False when a stop's grace ran out first."""
+        delay, told = 0.2, False
+        while True:
+            try:
+                attempt()
+                if told:
+                    log.info("%s succeeded after the broker came back", what)
+                    self._set_ready("ok")
+                return True
+            except (PublishError, KafkaError) as exc:
+                failures.inc()
+                self.metrics.broker_up.set(0)
+                self._set_ready(f"{what} failing: {type(exc).__name__}")
+                if not told:
+                    log.warning("%s failed (%s); holding the batch and retrying with backoff", what, exc)
+                    told = True
+            self._last_loop = time.monotonic()
+            if self._stopped_at is not None and time.monotonic() - self._stopped_at > STOP_GRACE_SECONDS:
+                log.warning("stopping with an unfinished %s; its events will be redelivered", what)
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _deliver(self, result: Any, records: list[Any]) -> bool:
+        if not self._retrying("publishing outputs", lambda: self.outputs.publish(result),
+                              self.metrics.publish_failures):
+            return False
+        timeout = seconds(self.config.kafka.ack_timeout)
+
+        def commit() -> None:
+            try:
+                self.source.commit(records, timeout)
+            except CommitFailedError:
+                # The group rebalanced away from us: the new owner re-reads from the last commit.
+                log.warning("commit refused after a rebalance; %d events will be redelivered", len(records))
+
+        return self._retrying("committing offsets", commit, self.metrics.commit_failures)

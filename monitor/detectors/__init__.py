@@ -1,0 +1,157 @@
+"""The detector interface every detector implements, the per-model batch it reads, and the registry.
+
+A detector is built per model from config (``detectors.<name>``), sees that model's events one poll
+at a time as a ``ModelBatch`` (columns as numpy arrays, built once and shared by all detectors), and
+returns detections. It can export and restore its state for checkpoints. Adding a detector is one
+module with a ``Detector`` subclass and one line in ``_BUILTINS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cached_property
+from typing import Any, ClassVar, Sequence
+
+import msgspec
+import numpy as np
+
+from monitor.detections import Detection
+from monitor.errors import ConfigError
+
+
+class ModelBatch:
+    """One poll's events of one model, with lazily built numpy columns (NaN where a field is absent)."""
+
+    __slots__ = ("model", "events", "sources", "__dict__")
+
+    def __init__(self, model: str, events: list[Any], sources: list[tuple[str, int, int]]):
+        self.model = model
+        self.events = events
+        self.sources = sources  # (topic, partition, offset) of each event
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    @cached_property
+    def ts(self) -> np.ndarray:
+        return np.fromiter((e.ts for e in self.events), dtype=np.float64, count=len(self.events))
+
+    def column(self, name: str) -> np.ndarray:
+        """A numeric field as float64, NaN where absent; cached per batch."""
+        cache = self.__dict__.setdefault("_columns", {})
+        if name not in cache:
+            nan = float("nan")
+            cache[name] = np.fromiter(
+                (nan if (v := getattr(e, name)) is None else v for e in self.events),
+                dtype=np.float64,
+                count=len(self.events),
+            )
+        return cache[name]
+
+    @cached_property
+    def confidence(self) -> np.ndarray:
+        """``confidence``, or max(probabilities) where only probabilities were sent (DESIGN §2)."""
+        nan = float("nan")
+        out = np.empty(len(self.events), dtype=np.float64)
+        for i, e in enumerate(self.events):
+            c = e.confidence
+            if c is None:
+                p = e.probabilities
+                c = max(p) if p else nan
+            out[i] = c
+        return out
+
+    @cached_property
+    def client_ids(self) -> list[str | None]:
+        return [e.client_id for e in self.events]
+
+    @cached_property
+    def model_version(self) -> str | None:
+        """The version of the newest event that names one."""
+        for e in reversed(self.events):
+            if e.model_version is not None:
+                return e.model_version
+        return None
+
+
+class Detector:
+    """Base class: an online algorithm with bounded memory over one model's stream.
+
+    Subclasses set ``name`` (the config key), ``Params`` (a msgspec Struct checked at config load)
+    and implement ``update``; ``state``/``restore`` default to the instance's ``__dict__``.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[msgspec.Struct]]
+
+    def __init__(self, model: str, params: msgspec.Struct):
+        self.model = model
+        self.params = params
+
+    def update(self, batch: ModelBatch) -> list[Detection]:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume after a restart (picklable)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("model", "params")}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def describe(self) -> dict[str, Any]:
+        """What the detector watches and where it stands, for people (status, /api)."""
+        return {"detector": self.name, "model": self.model, "params": msgspec.to_builtins(self.params)}
+
+
+_BUILTINS = {
+    "drift": "monitor.detectors.scalar_drift:ScalarDrift",
+}
+
+
+class Registry:
+    def __init__(self, builtins: dict[str, str]):
+        self._paths = dict(builtins)
+        self._classes: dict[str, type[Detector]] = {}
+
+    def names(self) -> Sequence[str]:
+        return sorted(self._paths)
+
+    def get(self, name: str) -> type[Detector]:
+        if name not in self._classes:
+            module, _, attr = self._paths[name].partition(":")
+            self._classes[name] = getattr(importlib.import_module(module), attr)
+        return self._classes[name]
+
+    def check_name(self, name: str, where: str) -> None:
+        if name not in self._paths:
+            raise ConfigError(f"{where}: unknown detector {name!r}; known: {', '.join(self.names())}")
+
+    def check_params(self, name: str, params: Any, where: str) -> msgspec.Struct:
+        self.check_name(name, where)
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}: expected a mapping of parameters, got {type(params).__name__}")
+        cls = self.get(name)
+        try:
+            parsed = msgspec.convert(params, cls.Params, strict=True)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            if " - at " in text:
+                what, at = text.rsplit(" - at ", 1)
+                raise ConfigError(f"{where}{at.strip('`')[1:]}: {what}") from None
+            raise ConfigError(f"{where}: {text}") from None
+        check = getattr(parsed, "check", None)
+        if check is not None:
+            problem = check()  # (field, what was expected) or None
+            if problem:
+                field, expected = problem
+                raise ConfigError(f"{where}.{field}: {expected}")
+        return parsed
+
+    def build(self, name: str, model: str, params: dict[str, Any]) -> Detector:
+        parsed = self.check_params(name, params, f"detectors.{name}")
+        return self.get(name)(model, parsed)
+
+
+registry = Registry(_BUILTINS)

@@ -1,0 +1,1 @@
+"""What runs beside the flow: HTTP endpoints, metrics, scheduled jobs, state checkpoints, logging."""

@@ -1,0 +1,58 @@
+"""Periodic work on APScheduler: every job is wrapped so a failure is logged and counted, never fatal,
+and its last run shows in /metrics. Jobs that touch detector state only raise a flag; the main loop
+does the work between batches, so detectors are never used from two threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from monitor.ops.metrics import Metrics
+
+log = logging.getLogger("inferwatch.scheduler")
+
+
+class Jobs:
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.scheduler = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
+        self.due: dict[str, threading.Event] = {}
+
+    def every(self, name: str, seconds: float, work: Callable[[], None]) -> None:
+        """Run ``work`` every ``seconds`` in the scheduler's thread."""
+
+        def run() -> None:
+            try:
+                work()
+            except Exception:
+                log.exception("scheduled job %s failed", name)
+                self.metrics.job_failures.labels(name).inc()
+            else:
+                self.metrics.job_last_run.labels(name).set(time.time())
+
+        self.scheduler.add_job(run, "interval", seconds=seconds, id=name, name=name)
+
+    def flag_every(self, name: str, seconds: float) -> threading.Event:
+        """An event set every ``seconds``; the main loop clears it and does the job itself."""
+        flag = self.due.setdefault(name, threading.Event())
+        self.scheduler.add_job(flag.set, "interval", seconds=seconds, id=name, name=name)
+        return flag
+
+    def done(self, name: str, ok: bool) -> None:
+        """Called by the main loop after a flagged job ran."""
+        if ok:
+            self.metrics.job_last_run.labels(name).set(time.time())
+        else:
+            self.metrics.job_failures.labels(name).inc()
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)

@@ -1,0 +1,183 @@
+"""Stage 1's core: a polled batch of raw messages in, events routed per model through detectors, out
+come detections and dead letters. No I/O here: the daemon and replay feed it and publish what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+
+from monitor.config import Config
+from monitor.detections import Detection
+from monitor.detectors import Detector, ModelBatch, registry
+from monitor.events import DeadLetter, EventDecoder
+from monitor.ops.metrics import OTHER_MODEL, Metrics
+
+log = logging.getLogger("inferwatch.pipeline")
+
+NO_MODEL = "__none__"  # the model label of messages that never became events
+
+
+class RawRecord(Protocol):
+    """What a source hands over: kafka-python's ConsumerRecord has these, and so do file records."""
+
+    value: bytes | None
+    key: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int | None
+
+
+@dataclass
+class BatchResult:
+    detections: list[Detection] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    processed: int = 0
+
+
+class ModelRoute:
+    """A watched model's detectors, built from config on first sight."""
+
+    __slots__ = ("model", "detectors", "label", "events", "last_ts")
+
+    def __init__(self, model: str, detectors: list[Detector], label: str):
+        self.model = model
+        self.detectors = detectors
+        self.label = label  # the metrics label: the name, or __other__ beyond the model limit
+        self.events = 0
+        self.last_ts = float("-inf")
+
+
+class Pipeline:
+    def __init__(self, config: Config, metrics: Metrics, restored: dict[str, dict[str, Any]] | None = None):
+        self.config = config
+        self.metrics = metrics
+        limits = config.limits
+        self.decoder = EventDecoder(limits.max_features, limits.max_message_bytes, limits.max_string_chars)
+        self.routes: dict[str, ModelRoute | None] = {}  # None: seen but not watched
+        self._restored = restored or {}
+        self.tracked = 0
+        self._overflow = ModelRoute(OTHER_MODEL, [], OTHER_MODEL)
+        self._warned_limit = False
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def _route(self, model: str) -> ModelRoute | None:
+        if not self.config.watches(model):
+            if len(self.routes) < 4 * self.config.limits.max_models:
+                self.routes[model] = None
+            return None
+        if self.tracked >= self.config.limits.max_models:
+            if not self._warned_limit:
+                log.warning("model limit (limits.max_models=%d) reached: further models such as %s are "
+                            "counted as __other__ but not watched", self.config.limits.max_models, model)
+                self._warned_limit = True
+            if len(self.routes) < 4 * self.config.limits.max_models:
+                self.routes[model] = self._overflow  # remember the decision, within a bound
+            return self._overflow
+        detectors = []
+        saved = self._restored.pop(model, {})
+        for name, params in self.config.detector_params(model).items():
+            detector = registry.build(name, model, params)
+            if name in saved:
+                try:
+                    detector.restore(saved[name])
+                except Exception:
+                    log.exception("could not restore %s state of %s; starting fresh", name, model)
+            detectors.append(detector)
+        route = ModelRoute(model, detectors, model)
+        self.routes[model] = route
+        self.tracked += 1
+        self.metrics.models_tracked.set(self.tracked)
+        log.info("watching model %s with %s", model, ", ".join(d.name for d in detectors) or "no detectors")
+        return route
+
+    # -- the batch -----------------------------------------------------------------------------
+
+    def process(self, records: Iterable[RawRecord]) -> BatchResult:
+        result = BatchResult()
+        decode = self.decoder.decode
+        grouped: dict[str, tuple[list[Any], list[tuple[str, int, int]]]] = {}
+        dead = result.dead_letters
+        for r in records:
+            event = decode(r.value)
+            if event.__class__ is tuple:
+                dead.append(DeadLetter(event[0], event[1], r.value, r.key, r.topic, r.partition, r.offset, r.timestamp))
+                continue
+            bucket = grouped.get(event.model)
+            if bucket is None:
+                bucket = grouped[event.model] = ([], [])
+            bucket[0].append(event)
+            bucket[1].append((r.topic, r.partition, r.offset))
+
+        m = self.metrics
+        for letter in dead:
+            m.dead_letters.labels(letter.reason).inc()
+        if dead:
+            m.events.labels(NO_MODEL, "dead_letter").inc(len(dead))
+
+        for model, (events, sources) in grouped.items():
+            route = self.routes.get(model, False)
+            if route is False:
+                route = self._route(model)
+            if route is None:
+                m.events.labels(OTHER_MODEL, "ignored").inc(len(events))
+                continue
+            batch_ts = max(e.ts for e in events)
+            if route.label == OTHER_MODEL:
+                m.events.labels(OTHER_MODEL, "untracked").inc(len(events))
+                continue
+            route.events += len(events)
+            if batch_ts > route.last_ts:
+                route.last_ts = batch_ts
+                m.last_event_ts.labels(route.label).set(batch_ts)
+            batch = in_event_time_order(ModelBatch(model, events, sources))
+            for detector in route.detectors:
+                try:
+                    found = detector.update(batch)
+                except Exception:
+                    # A detector bug must not stop the stream or lose the batch's other results.
+                    log.exception("detector %s failed on a batch of %d events of model %s",
+                                  detector.name, len(events), model)
+                    m.detector_errors.labels(detector.name).inc()
+                    continue
+                for d in found:
+                    m.detections.labels(route.label, d.detector, d.kind, d.severity).inc()
+                result.detections.extend(found)
+            m.events.labels(route.label, "processed").inc(len(events))
+            result.processed += len(events)
+        result.detections.sort(key=lambda d: d.ts)
+        return result
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Detector state of every watched model, for a checkpoint (restored models not yet seen kept)."""
+        out = {model: dict(states) for model, states in self._restored.items()}
+        for model, route in self.routes.items():
+            if route is not None and route.detectors:
+                out[model] = {d.name: d.state() for d in route.detectors}
+        return out
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {"model": r.model, "events": r.events, "last_event_ts": r.last_ts,
+             "detectors": [d.describe() for d in r.detectors]}
+            for r in self.routes.values() if r is not None and r.label != OTHER_MODEL
+        ]
+
+
+
+def in_event_time_order(batch: ModelBatch) -> ModelBatch:
+    """The batch sorted by event time (stable): one poll interleaves partitions, and detectors that
+    see a model's stream out of order would see a change, a return and the change again."""
+    ts = batch.ts
+    if len(ts) < 2 or not np.any(ts[1:] < ts[:-1]):
+        return batch
+    order = np.argsort(ts, kind="stable").tolist()
+    events, sources = batch.events, batch.sources
+    return ModelBatch(batch.model, [events[i] for i in order], [sources[i] for i in order])

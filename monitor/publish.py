@@ -1,0 +1,150 @@
+"""Where a batch's results go: detections to the detections topic (keyed by model), dead letters to the
+dead-letter topic (original bytes, reason in headers), or both to files when the source is a file.
+
+``publish`` returns only when every output is durable: acknowledged by the broker, or written to the
+local spool when the broker refuses a record for good (too large, not authorised). It raises
+``PublishError`` for failures worth retrying (broker away, timeouts); the daemon then retries the same
+batch and commits nothing meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any, Callable
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+
+from monitor.detections import Detection, encode
+from monitor.events import DeadLetter
+from monitor.pipeline import BatchResult
+
+log = logging.getLogger("inferwatch.publish")
+detections_log = logging.getLogger("inferwatch.detections")
+
+# Room left for the record's key, headers and framing under the producer's request size.
+_HEADROOM = 64 * 1024
+
+
+class PublishError(Exception):
+    """The batch's outputs are not all durable yet; retry the batch."""
+
+
+def dead_letter_headers(letter: DeadLetter, truncated_from: int | None = None) -> list[tuple[str, bytes]]:
+    headers = [
+        ("inferwatch.reason", letter.reason.encode()),
+        ("inferwatch.error", letter.error.encode("utf-8", "replace")[:1000]),
+        ("inferwatch.source.topic", letter.topic.encode()),
+        ("inferwatch.source.partition", str(letter.partition).encode()),
+        ("inferwatch.source.offset", str(letter.offset).encode()),
+    ]
+    if letter.timestamp_ms is not None:
+        headers.append(("inferwatch.source.timestamp_ms", str(letter.timestamp_ms).encode()))
+    if truncated_from is not None:
+        headers.append(("inferwatch.truncated_from_bytes", str(truncated_from).encode()))
+        headers.append(("inferwatch.original_sha256", hashlib.sha256(letter.value or b"").hexdigest().encode()))
+    return headers
+
+
+class Spool:
+    """A local append-only JSONL file for outputs the broker refused for good: nothing disappears."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def write(self, kind: str, payload: dict[str, Any], error: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"kind": kind, "error": error, "payload": payload}, sort_keys=True)
+        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+
+
+class KafkaOutputs:
+    def __init__(self, producer: KafkaProducer, detections_topic: str, dead_letter_topic: str,
+                 spool: Spool, ack_timeout: float = 10.0, max_request_bytes: int = 1_048_576):
+        self.producer = producer
+        self.detections_topic = detections_topic
+        self.dead_letter_topic = dead_letter_topic
+        self.spool = spool
+        self.ack_timeout = ack_timeout
+        self.max_value_bytes = max(1024, max_request_bytes - _HEADROOM)
+        self.listeners: list[Callable[[Detection], None]] = []
+
+    def publish(self, result: BatchResult) -> None:
+        sent: list[tuple[Any, str, Any]] = []
+        send = self.producer.send
+        try:
+            for d in result.detections:
+                sent.append((send(self.detections_topic, key=d.model.encode(), value=encode(d)), "detection", d))
+            for letter in result.dead_letters:
+                value, truncated = letter.value, None
+                if value is not None and len(value) > self.max_value_bytes:
+                    value, truncated = value[: self.max_value_bytes], len(value)
+                sent.append((send(self.dead_letter_topic, key=letter.key, value=value,
+                                  headers=dead_letter_headers(letter, truncated)), "dead_letter", letter))
+            self.producer.flush(timeout=self.ack_timeout)
+        except KafkaError as exc:
+            raise PublishError(f"producing the batch's outputs failed: {type(exc).__name__}") from exc
+        for future, kind, item in sent:
+            if not future.is_done:
+                raise PublishError("the broker did not acknowledge every output in time")
+            if future.failed():
+                exc = future.exception
+                if future.retriable() or isinstance(exc, (KafkaTimeoutError, KafkaConnectionError, OSError)):
+                    raise PublishError(f"output not acknowledged: {type(exc).__name__}") from exc
+                # A permanent refusal (too large, not authorised, invalid topic): keep it locally, loudly.
+                log.error("broker refused a %s for good (%s); kept in %s", kind, type(exc).__name__, self.spool.path)
+                payload = item.envelope() if kind == "dead_letter" else json.loads(encode(item))
+                self.spool.write(kind, payload, type(exc).__name__)
+        announce(result.detections, self.listeners)
+
+    def close(self) -> None:
+        try:
+            self.producer.flush(timeout=self.ack_timeout)
+            self.producer.close(timeout=self.ack_timeout)
+        except Exception:
+            log.exception("closing the producer")
+
+
+class FileOutputs:
+    """Detections as JSON lines to a file or stdout; dead letters as JSON envelopes to a file."""
+
+    def __init__(self, detections: IO[str] | None, dead_letters_path: Path | None):
+        self.detections = detections
+        self.dead_letters_path = dead_letters_path
+        self.listeners: list[Callable[[Detection], None]] = []
+
+    def publish(self, result: BatchResult) -> None:
+        if self.detections is not None and result.detections:
+            for d in result.detections:
+                self.detections.write(encode(d).decode() + "\n")
+            self.detections.flush()
+        if result.dead_letters and self.dead_letters_path is not None:
+            self.dead_letters_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.dead_letters_path, "a", encoding="utf-8") as handle:
+                for letter in result.dead_letters:
+                    handle.write(json.dumps(letter.envelope(), sort_keys=True) + "\n")
+        announce(result.detections, self.listeners)
+
+    def close(self) -> None:
+        if self.detections not in (None, sys.stdout):
+            self.detections.close()
+
+
+def announce(detections: list[Detection], listeners: list[Callable[[Detection], None]]) -> None:
+    """Log each detection as one JSON line and hand it to listeners (the demo's console, replay)."""
+    for d in detections:
+        if detections_log.isEnabledFor(logging.INFO):
+            detections_log.info("detection", extra={"detection": json.loads(encode(d))})
+        for listener in listeners:
+            try:
+                listener(d)
+            except Exception:
+                log.exception("a detection listener failed")

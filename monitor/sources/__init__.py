@@ -1,0 +1,1 @@
+"""Where raw inference-log messages come from: a Kafka consumer group, or JSONL files for offline runs."""

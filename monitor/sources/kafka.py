@@ -1,0 +1,192 @@
+"""The Kafka side of the detect stage: a consumer in a consumer group, and a producer for its outputs.
+
+Offsets are committed by hand, only after the batch's detections and dead letters were acknowledged
+by the broker (``Outputs.publish`` then ``KafkaSource.commit``), so a crash between the two replays
+the batch rather than losing it: delivery is at least once and detection ids make repeats harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Sequence
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from monitor.config import Config, seconds
+from monitor.errors import ConfigError
+from monitor.ops.metrics import Metrics
+
+log = logging.getLogger("inferwatch.kafka")
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def security_settings(config: Config) -> dict[str, Any]:
+    """kafka.security with ${VAR} references read from the environment (values never logged)."""
+    out: dict[str, Any] = {}
+    for key, value in config.kafka.security.items():
+        if isinstance(value, str):
+            missing = [name for name in _ENV_REF.findall(value) if name not in os.environ]
+            if missing:
+                raise ConfigError(
+                    f"{config.source}: $.kafka.security.{key}: environment variable {missing[0]} is not set")
+            value = _ENV_REF.sub(lambda m: os.environ[m.group(1)], value)
+        out[key] = value
+    return out
+
+
+def _common(config: Config) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": config.kafka.bootstrap_servers,
+        "client_id": config.kafka.client_id,
+        "reconnect_backoff_ms": 200,
+        "reconnect_backoff_max_ms": 5000,
+        **security_settings(config),
+    }
+
+
+def make_producer(config: Config, **overrides: Any) -> KafkaProducer:
+    settings = {
+        **_common(config),
+        "acks": "all",
+        "linger_ms": 5,
+        "retries": 5,
+        "max_block_ms": 10000,
+        "request_timeout_ms": 10000,
+        **overrides,
+    }
+    return KafkaProducer(**settings)
+
+
+class KafkaSource:
+    """Batched polls from the logs topic in the configured group, with manual commits and lag."""
+
+    def __init__(self, config: Config, metrics: Metrics, topics: Sequence[str] | None = None):
+        self.config = config
+        self.metrics = metrics
+        self.topics = list(topics or [config.kafka.topics.logs])
+        k = config.kafka
+        self.consumer = KafkaConsumer(
+            *self.topics,
+            **_common(config),
+            group_id=k.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=k.auto_offset_reset,
+            max_poll_records=k.poll.max_records,
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=max(100, k.session_timeout_ms // 3),
+            max_poll_interval_ms=k.max_poll_interval_ms,
+            # Large fetches keep the per-request overhead small at high rates, while 1 MiB per
+            # partition makes a backlog arrive from all partitions together, near event-time order.
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=1024 * 1024,
+        )
+        self._lag_labels: set[tuple[str, str]] = set()
+
+    def poll(self) -> list[Any]:
+        """Up to ``poll.max_records`` records, flattened across partitions in partition order."""
+        polled = self.consumer.poll(timeout_ms=self.config.kafka.poll.timeout_ms,
+                                    max_records=self.config.kafka.poll.max_records)
+        if not polled:
+            return []
+        if len(polled) == 1:
+            return next(iter(polled.values()))
+        out: list[Any] = []
+        for records in polled.values():
+            out.extend(records)
+        return out
+
+    def commit(self, records: Sequence[Any], timeout: float = 10.0) -> None:
+        """Commit the offsets after the last of ``records`` in each partition (raises on failure)."""
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for r in records:
+            offsets[TopicPartition(r.topic, r.partition)] = r.offset
+        if offsets:
+            self.consumer.commit({tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in offsets.items()},
+                                 timeout_ms=int(timeout * 1000))
+
+    def update_lag(self) -> None:
+        seen = set()
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = self.consumer.position(tp, timeout_ms=0)
+            except Exception:  # position unknown yet (no fetch since assignment)
+                continue
+            if position is None:
+                continue
+            labels = (tp.topic, str(tp.partition))
+            self.metrics.consumer_lag.labels(*labels).set(max(0, high - position))
+            seen.add(labels)
+        for labels in self._lag_labels - seen:  # partitions revoked from this replica
+            self.metrics.consumer_lag.remove(*labels)
+        self._lag_labels = seen
+
+    def broker_reachable(self) -> bool:
+        """True while a connection to some broker is up (kafka-python has no public call for this)."""
+        try:
+            client = self.consumer._client
+            brokers = client.cluster.brokers()
+            return any(client.connected(b.nodeId) for b in brokers)
+        except Exception:
+            return True
+
+    def close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False)
+        except Exception:
+            log.exception("closing the consumer")
+
+
+def wait_for_broker(config: Config, stop: Any, attempt_timeout: float = 5.0) -> None:
+    """Block until the bootstrap servers answer, retrying with backoff (logged once), or until stop is set."""
+    from kafka.admin import KafkaAdminClient
+
+    delay, told = 0.5, False
+    while not stop.is_set():
+        try:
+            admin = KafkaAdminClient(**_common(config), request_timeout_ms=int(attempt_timeout * 1000))
+            admin.close()
+            if told:
+                log.info("broker %s reachable again", ",".join(config.kafka.bootstrap_servers))
+            return
+        except Exception as exc:
+            if not told:
+                log.warning("broker %s not reachable (%s); retrying with backoff",
+                            ",".join(config.kafka.bootstrap_servers), type(exc).__name__)
+                told = True
+            stop.wait(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def ensure_topics(config: Config) -> None:
+    """Create the logs, dead-letter and detections topics when missing (kafka.create_topics)."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**_common(config))
+    try:
+        existing = set(admin.list_topics())
+        t = config.kafka.topics
+        wanted = [NewTopic(t.logs, config.kafka.topic_partitions, 1),
+                  NewTopic(t.dead_letters, 1, 1),
+                  NewTopic(t.detections, config.kafka.topic_partitions, 1)]
+        missing = [n for n in wanted if n.name not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+            log.info("created topics %s", ", ".join(n.name for n in missing))
+    finally:
+        admin.close()
+
+
+def ack_timeout(config: Config) -> float:
+    return seconds(config.kafka.ack_timeout)
+

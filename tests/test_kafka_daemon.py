@@ -1,0 +1,160 @@
+"""The detect stage end to end on the real (embedded) Kafka-protocol broker, the daemon as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+
+from kafka import KafkaConsumer, TopicPartition
+
+from tests.conftest import Daemon, event, write_config
+
+MALFORMED = {
+    b"not json at all": "invalid_json",
+    b"[1, 2, 3]": "not_an_object",
+    b'{"ts": 1, "model": "fraud"}': "missing_field",
+    b'{"event_id": "x", "ts": 1, "model": "fraud", "latency_ms": "slow"}': "wrong_type",
+    b'{"event_id": "x", "ts": NaN, "model": "fraud"}': "non_finite_number",
+    b'{"event_id": "x", "ts": 1, "model": "fraud", "cpu_ms": 1e999}': "non_finite_number",
+    b'{"event_id": "x", "ts": 1, "model": "fraud", "features": [1, 2, 3, 4, 5, 6, 7, 8, 9]}': "too_many_features",
+    b'{"event_id": "\xff\xfe", "ts": 1, "model": "fraud"}': "invalid_utf8",
+    b'{"event_id": "x", "ts": "yesterday", "model": "fraud"}': "invalid_timestamp",
+    b'{"event_id": "x", "ts": 1, "model": "fraud", "pad": "' + b"a" * 3000 + b'"}': "message_too_large",
+}
+
+
+def drifting_stream(n: int, change_at: int, seed: int = 7) -> list[bytes]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        confidence = rng.gauss(0.93, 0.02) if i < change_at else rng.gauss(0.62, 0.06)
+        out.append(json.dumps(event(i, confidence=min(1.0, max(0.0, confidence)))).encode())
+    return out
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return sum(consumer.committed(TopicPartition(topic, p)) or 0 for p in range(partitions))
+    finally:
+        consumer.close()
+
+
+def test_events_dead_letters_detections_and_commits(broker, tmp_path, daemons):
+    topics = broker.topics("flow")
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state",
+                          limits={"max_features": 8, "max_message_bytes": 2048})
+    good = drifting_stream(6000, change_at=4000)
+    bad = list(MALFORMED)
+    values = good[:3000] + bad + good[3000:]
+    broker.produce(topics["logs"], values)
+
+    d = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(d)
+    d.wait_for(lambda: d.metric("inferwatch_events_total", model="fraud", outcome="processed") == 6000,
+               what="all valid events processed")
+    d.wait_for(lambda: committed(broker.bootstrap, group_of(config), topics["logs"], 3) == len(values),
+               what="offsets committed")
+
+    # valid events are counted exactly, malformed ones by reason
+    assert d.metric("inferwatch_events_total", model="__none__", outcome="dead_letter") == len(bad)
+    for reason in set(MALFORMED.values()):
+        expected = sum(1 for r in MALFORMED.values() if r == reason)
+        assert d.metric("inferwatch_dead_letters_total", reason=reason) == expected, reason
+
+    # every malformed message is in the dead-letter topic: original bytes, reason, source coordinates
+    letters = broker.consume_all(topics["dead_letters"], expect=len(bad))
+    assert sorted(r.value for r in letters) == sorted(bad)
+    for record in letters:
+        headers = dict(record.headers)
+        assert headers["inferwatch.reason"].decode() == MALFORMED[record.value]
+        assert headers["inferwatch.source.topic"].decode() == topics["logs"]
+        assert int(headers["inferwatch.source.offset"]) >= 0
+        assert headers["inferwatch.error"]
+
+    # the confidence drop is a detection on the detections topic, keyed by model, in DESIGN §3 form
+    found = broker.consume_all(topics["detections"], expect=1)
+    assert found, d.log()[-3000:]
+    first = json.loads(found[0].value)
+    assert found[0].key == b"fraud"
+    assert first["detector"] == "drift" and first["kind"] == "prediction_drift"
+    assert first["model"] == "fraud" and first["severity"] in ("warning", "critical")
+    assert first["ts"] >= event(4000)["ts"], "no alarm before the change"
+    assert first["evidence"]["reference"]["mean"] > first["evidence"]["current"]["mean"]
+    assert first["atlas"] and first["source"]["topic"] == topics["logs"]
+    assert d.metric("inferwatch_detections_total", model="fraud", detector="drift",
+                    kind="prediction_drift", severity=first["severity"]) >= 1
+    # and each detection is logged as one JSON line
+    assert any(r.get("logger") == "inferwatch.detections" for r in d.log_records())
+    assert d.stop() == 0
+
+
+def group_of(config_path) -> str:
+    import yaml
+
+    return yaml.safe_load(config_path.read_text())["kafka"]["group_id"]
+
+
+def test_restart_resumes_from_committed_offsets(broker, tmp_path, daemons):
+    topics = broker.topics("restart")
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(3000)])
+    first = Daemon(config, tmp_path / "first.log")
+    daemons.append(first)
+    first.wait_for(lambda: first.metric("inferwatch_events_total", model="fraud", outcome="processed") == 3000,
+                   what="first run")
+    assert first.stop(signal.SIGTERM) == 0
+    assert committed(broker.bootstrap, group_of(config), topics["logs"], 3) == 3000
+
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(3000, 4000)])
+    second = Daemon(config, tmp_path / "second.log")
+    daemons.append(second)
+    second.wait_for(lambda: second.metric("inferwatch_events_total", model="fraud", outcome="processed") >= 1000,
+                    what="second run")
+    second.wait_for(lambda: committed(broker.bootstrap, group_of(config), topics["logs"], 3) == 4000,
+                    what="second commit")
+    # exactly the new events: nothing committed before is processed again
+    assert second.metric("inferwatch_events_total", model="fraud", outcome="processed") == 1000
+    # the detector state came back from the checkpoint instead of being re-learned
+    assert "restored detector state of 1 models" in second.log()
+
+
+def test_broker_outage_mid_stream_is_survived(own_broker, tmp_path, daemons):
+    broker = own_broker
+    topics = broker.topics("outage")
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(2000)])
+    d = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(d)
+    d.wait_for(lambda: d.metric("inferwatch_events_total", model="fraud", outcome="processed") == 2000,
+               what="events before the outage")
+
+    broker.down()
+    d.wait_for(lambda: not d.ready(), timeout=60, what="/readyz to turn false while the broker is away")
+    assert d.get("/healthz")[0] == 200, "the process itself stays healthy"
+
+    broker.up()
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(2000, 3000)])
+    d.wait_for(d.ready, timeout=60, what="/readyz after the broker came back")
+    d.wait_for(lambda: d.metric("inferwatch_events_total", model="fraud", outcome="processed") >= 3000,
+               timeout=60, what="events after the outage")
+    d.wait_for(lambda: committed(broker.bootstrap, group_of(config), topics["logs"], 3) == 3000,
+               what="all offsets committed after the outage")
+    assert d.stop() == 0
+    outage_lines = [r for r in d.log_records() if "broker unreachable" in r.get("msg", "")]
+    assert len(outage_lines) <= 2, "the outage is logged once, not per retry"
+
+
+def test_sigterm_finishes_the_batch_and_commits(broker, tmp_path, daemons):
+    topics = broker.topics("term")
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(20000)])
+    d = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(d)
+    d.wait_for(lambda: d.metric("inferwatch_events_total", model="fraud", outcome="processed") > 0,
+               what="processing to start")
+    assert d.stop(signal.SIGTERM) == 0
+    done = committed(broker.bootstrap, group_of(config), topics["logs"], 3)
+    processed = [r for r in d.log_records() if r.get("msg", "").startswith("stopped after")]
+    assert processed and done == int(processed[0]["msg"].split()[2]), "what was processed is what was committed"
