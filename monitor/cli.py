@@ -143,8 +143,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InferWatchError("--output and --dead-letters go with --input (with Kafka, outputs go to topics)")
     detections_out = None
     if args.input:
-        detections_out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        detections_out = _open_for_writing(args.output, "--output") if args.output else sys.stdout
     dead_letters = Path(args.dead_letters) if args.dead_letters else Path(config.state.dir) / "dead-letters.jsonl"
+    if args.input:
+        _open_for_writing(str(dead_letters), "--dead-letters", mode="a").close()
     daemon = DetectDaemon(config, inputs=args.input, detections_out=detections_out, dead_letters_out=dead_letters)
     daemon.install_signal_handlers()
     return daemon.run()
+
+
+def _open_for_writing(path: str, flag: str, mode: str = "w") -> Any:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, mode, encoding="utf-8")
+    except OSError as exc:
+        raise InferWatchError(f"{flag} {path}: cannot write there ({exc.strerror})") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 import yaml
@@ -19,6 +19,8 @@ import yaml
 from monitor.errors import ConfigError
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+# "30s", "5m", "1h", "250ms", or a plain number of seconds
+Duration = Union[str, float]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -68,7 +70,7 @@ class Kafka(Base):
     create_topics: bool = False
     topic_partitions: PositiveInt = 6
     # How long to wait for the broker to acknowledge the batch's outputs before retrying.
-    ack_timeout: str = "10s"
+    ack_timeout: Duration = "10s"
     session_timeout_ms: PositiveInt = 10000
     max_poll_interval_ms: PositiveInt = 300000
 
@@ -97,12 +99,12 @@ class Http(Base):
     host: str = "0.0.0.0"
     port: Port = 9108
     # Without a broker round trip in this long, /readyz turns false.
-    ready_timeout: str = "30s"
+    ready_timeout: Duration = "30s"
 
 
 class State(Base):
     dir: str = "./state"
-    checkpoint_interval: str = "60s"
+    checkpoint_interval: Duration = "60s"
 
 
 class Logging(Base):
@@ -201,11 +203,15 @@ def _check_semantics(config: Config) -> None:
     for key in ("ack_timeout",):
         _duration(where, f"$.kafka.{key}", getattr(config.kafka, key))
     _duration(where, "$.http.ready_timeout", config.http.ready_timeout)
-    _duration(where, "$.state.checkpoint_interval", config.state.checkpoint_interval)
+    if _duration(where, "$.state.checkpoint_interval", config.state.checkpoint_interval) < 1:
+        raise ConfigError(f"{where}: $.state.checkpoint_interval: expected at least 1s")
+    if _duration(where, "$.kafka.ack_timeout", config.kafka.ack_timeout) <= 0:
+        raise ConfigError(f"{where}: $.kafka.ack_timeout: expected more than 0s")
     if not config.kafka.bootstrap_servers:
         raise ConfigError(f"{where}: $.kafka.bootstrap_servers: expected at least one host:port")
     for i, server in enumerate(config.kafka.bootstrap_servers):
-        if not re.match(r"^[^\s:]+:\d{1,5}$", server):
+        match = re.match(r"^[^\s:]+:(\d{1,5})$", server)
+        if not match or not 1 <= int(match.group(1)) <= 65535:
             raise ConfigError(f"{where}: $.kafka.bootstrap_servers[{i}]: expected host:port, got {server!r}")
     topics = config.kafka.topics
     if len({topics.logs, topics.dead_letters, topics.detections}) != 3:
@@ -222,13 +228,13 @@ def _check_semantics(config: Config) -> None:
                 registry.check_params(name, merged, path)
 
 
-def _duration(where: str, path: str, value: str) -> float:
+def _duration(where: str, path: str, value: str | float) -> float:
     try:
         return parse_duration(value)
     except ValueError as exc:
         raise ConfigError(f"{where}: {path}: {exc}") from None
 
 
-def seconds(value: str) -> float:
+def seconds(value: str | float) -> float:
     """A config duration already validated by load_config."""
     return parse_duration(value)

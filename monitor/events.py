@@ -7,10 +7,10 @@ that keeps the original bytes, a reason from ``REASONS`` and where the message c
 from __future__ import annotations
 
 import datetime as dt
-import math
 from typing import Annotated, Any, NamedTuple, Union
 
 import msgspec
+import numpy as np
 
 _MAX_FLOAT = 1.7976931348623157e308
 # msgspec rejects 1e999 (it would be inf) through this range; JSON has no NaN literal at all.
@@ -48,7 +48,9 @@ def event_type(max_features: int = 4096, max_string_chars: int = 512) -> type:
         ("model", Str),
         ("model_version", Union[Str, None], None),
         ("client_id", Union[Str, None], None),
-        ("features", Features, None),
+        # Kept as raw JSON and checked in C by FeatureCheck: parsing 64 floats into Python objects per
+        # event would be most of the decode cost, and detectors parse a whole batch at once instead.
+        ("features", msgspec.Raw, msgspec.Raw()),
         ("prediction", Prediction, None),
         ("probabilities", Union[Annotated[list[Unit], msgspec.Meta(max_length=max_features)], None], None),
         ("confidence", Union[Unit, None], None),
@@ -64,7 +66,61 @@ def event_type(max_features: int = 4096, max_string_chars: int = 512) -> type:
     return msgspec.defstruct("Event", fields, kw_only=True, omit_defaults=True)
 
 
-Event = event_type()  # the default-limits type, for tools and tests that build events by hand
+def features_type(max_features: int = 4096, max_string_chars: int = 512) -> Any:
+    Str = Annotated[str, msgspec.Meta(min_length=1, max_length=max_string_chars)]
+    return Union[
+        Annotated[list[Finite], msgspec.Meta(max_length=max_features)],
+        Annotated[dict[Str, Finite], msgspec.Meta(max_length=max_features)],
+        None,
+    ]
+
+
+# Bytes a flat JSON array of plain numbers may contain besides its brackets.
+_NUMERIC = b"0123456789.-+, \t\r\n"
+# 300 digits in a row may be an integer part too large for a float (> 1.8e308): checked strictly.
+# Found by mapping every digit to "0" and searching for 300 zeros: C speed, unlike a regex here.
+_DIGITS_TO_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else i for i in range(256))
+_LONG_RUN = b"0" * 300
+
+
+def _long_digit_run(raw: bytes) -> bool:
+    return _LONG_RUN in raw.translate(_DIGITS_TO_ZERO)
+# Without exponents and whitespace other than a space: what the batch fast path accepts (an exponent can
+# overflow to infinity, so such arrays take the strict path).
+_PLAIN_NUMERIC = b"0123456789.-+, "
+
+
+class FeatureCheck:
+    """Validates the raw ``features`` JSON of an event without building Python floats.
+
+    A flat array of numbers is recognised with one ``bytes.translate`` (C speed) and its dimension
+    counted by its commas; anything else (objects, exponents that may overflow, strings, nesting) is
+    parsed strictly, so its error is as precise as msgspec's. ``None`` means valid.
+    """
+
+    def __init__(self, max_features: int, max_string_chars: int):
+        self.max_features = max_features
+        self._strict = msgspec.json.Decoder(features_type(max_features, max_string_chars))
+
+    def __call__(self, raw: bytes) -> tuple[str, str] | None:
+        if raw[:1] == b"[" and raw.translate(None, _NUMERIC) == b"[]" and not _long_digit_run(raw):
+            commas = raw.count(b",")
+            dims = commas + 1 if commas or raw.strip(b"[] \t\r\n") else 0
+            if dims > self.max_features:
+                return ("too_many_features", f"Expected `array` of length <= {self.max_features} - at `$.features`")
+            return None
+        if raw == b"null":
+            return None
+        try:
+            self._strict.decode(raw)
+        except msgspec.ValidationError as exc:
+            text = str(exc)  # paths are relative to the features value: re-anchor them in the event
+            text = text.replace(" - at `$", " - at `$.features", 1) if " - at `$" in text else f"{text} - at `$.features`"
+            return classify_validation_error(text)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            # Raw JSON passed msgspec's syntax scan; what remains is invalid UTF-8 inside a string.
+            return ("invalid_utf8", "invalid UTF-8 in features")
+        return None
 
 
 class DeadLetter(NamedTuple):
@@ -107,9 +163,45 @@ class EventDecoder:
         self.type = event_type(max_features, max_string_chars)
         self.max_message_bytes = max_message_bytes
         self._decoder = msgspec.json.Decoder(self.type)
+        self._check_features = FeatureCheck(max_features, max_string_chars)
+        self.max_features = max_features
 
     def decode(self, raw: bytes | None) -> Any:
         """An Event, or a ``(reason, error)`` pair when the message is bad."""
+        event = self.decode_unchecked_features(raw)
+        if event.__class__ is not tuple and not raw.isascii() and invalid_utf8([raw]):
+            return ("invalid_utf8", _utf8_error(raw))
+        if event.__class__ is not tuple and event.features:
+            problem = self._check_features(bytes(event.features))
+            if problem is not None:
+                return problem
+        return event
+
+    def feature_problems(self, events: list[Any]) -> dict[int, tuple[str, str]]:
+        """The events of a batch whose ``features`` are invalid, by index: the batch form of the check
+        ``decode`` makes per message. One join and one ``translate`` over the whole batch recognise the
+        common case (flat arrays of plain numbers, none long enough to pass the dimension limit);
+        anything else is checked message by message."""
+        raws = [e.features for e in events]
+        joined = b"".join(raws)
+        if not joined:
+            return {}
+        present = sum(1 for r in raws if r)
+        if (joined.translate(None, _PLAIN_NUMERIC) == b"[]" * present
+                and max(map(len, raws)) <= 2 * self.max_features
+                and not _long_digit_run(joined)):
+            return {}
+        check = self._check_features
+        problems = {}
+        for i, raw in enumerate(raws):
+            if raw:
+                problem = check(bytes(raw))
+                if problem is not None:
+                    problems[i] = problem
+        return problems
+
+    def decode_unchecked_features(self, raw: bytes | None) -> Any:
+        """``decode`` without the features check, for callers that run ``feature_problems`` per batch."""
         if not raw:
             return ("empty_message", "the message value is empty")
         if len(raw) > self.max_message_bytes:
@@ -120,8 +212,8 @@ class EventDecoder:
             return classify_validation_error(str(exc))
         except msgspec.DecodeError as exc:
             return classify_decode_error(raw, str(exc))
-        except UnicodeDecodeError as exc:
-            return ("invalid_utf8", f"invalid UTF-8 at byte {exc.start}")
+        except UnicodeDecodeError:
+            return ("invalid_utf8", _utf8_error(raw))
         except (ValueError, RecursionError, MemoryError) as exc:  # msgspec's guard on nesting depth
             return ("invalid_json", f"{type(exc).__name__}: {exc}"[:200])
         if event.ts.__class__ is not float:
@@ -156,11 +248,36 @@ def classify_validation_error(message: str) -> tuple[str, str]:
     return ("wrong_type", message)
 
 
-def classify_decode_error(raw: bytes, message: str) -> tuple[str, str]:
+def _utf8_error(raw: bytes) -> str:
+    """Where the first invalid UTF-8 byte of the message is (msgspec counts from the string's start)."""
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return ("invalid_utf8", f"invalid UTF-8 at byte {exc.start}")
+        return f"invalid UTF-8 at byte {exc.start}"
+    return "invalid UTF-8"
+
+
+def invalid_utf8(values: list[bytes | None]) -> set[int]:
+    """Indices of messages that are not valid UTF-8 anywhere, unknown fields included (msgspec does not
+    check the fields it skips). ASCII batches, the usual case, are cleared by one C-speed test."""
+    joined = b"".join(v for v in values if v)
+    if joined.isascii():
+        return set()
+    bad = set()
+    for i, v in enumerate(values):
+        if v and not v.isascii():
+            try:
+                v.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.add(i)
+    return bad
+
+
+def classify_decode_error(raw: bytes, message: str) -> tuple[str, str]:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return ("invalid_utf8", _utf8_error(raw))
     # Python's json.dumps writes NaN/Infinity by default: name that precisely, it is a common producer bug.
     lowered = raw.lower()
     if b"nan" in lowered or b"infinity" in lowered:
@@ -183,5 +300,30 @@ def _reject_constant(name: str) -> float:
     raise _NonFinite(name)
 
 
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)
+_features_list = msgspec.json.Decoder(list[Union[list[float], dict[str, float], None]])
+
+
+def features_matrix(events: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The features of ``events`` as one float64 matrix and a mask of the rows that have them.
+
+    Object-form features are laid out in the sorted order of their names. Rows whose dimension differs
+    from the batch's most common one are masked out (a model's input has one shape). One msgspec call
+    parses the whole batch: the raw arrays were validated at decode time, so joining them is safe.
+    """
+    raws = [e.features for e in events]
+    present = [i for i, r in enumerate(raws) if r and r != b"null"]
+    n = len(events)
+    if not present:
+        return np.empty((n, 0)), np.zeros(n, dtype=bool)
+    parsed = _features_list.decode(b"[" + b",".join(bytes(raws[i]) for i in present) + b"]")
+    rows = [sorted(v.items()) and [x for _, x in sorted(v.items())] if isinstance(v, dict) else v for v in parsed]
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    dim = int(np.bincount(lengths).argmax())
+    matrix = np.full((n, dim), np.nan)
+    mask = np.zeros(n, dtype=bool)
+    keep = [j for j in range(len(rows)) if lengths[j] == dim]
+    if keep and dim:
+        idx = np.asarray([present[j] for j in keep])
+        matrix[idx] = np.asarray([rows[j] for j in keep], dtype=np.float64)
+        mask[idx] = True
+    return matrix, mask

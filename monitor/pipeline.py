@@ -13,7 +13,7 @@ import numpy as np
 from monitor.config import Config
 from monitor.detections import Detection
 from monitor.detectors import Detector, ModelBatch, registry
-from monitor.events import DeadLetter, EventDecoder
+from monitor.events import DeadLetter, EventDecoder, _utf8_error as _utf8_message, invalid_utf8
 from monitor.ops.metrics import OTHER_MODEL, Metrics
 
 log = logging.getLogger("inferwatch.pipeline")
@@ -100,9 +100,19 @@ class Pipeline:
 
     def process(self, records: Iterable[RawRecord]) -> BatchResult:
         result = BatchResult()
-        decode = self.decoder.decode
-        grouped: dict[str, tuple[list[Any], list[tuple[str, int, int]]]] = {}
+        decode = self.decoder.decode_unchecked_features
+        grouped: dict[str, tuple[list[Any], list[RawRecord]]] = {}
         dead = result.dead_letters
+        if not isinstance(records, list):
+            records = list(records)
+        bad_utf8 = invalid_utf8([r.value for r in records])
+        if bad_utf8:
+            for i in sorted(bad_utf8):
+                r = records[i]
+                dead.append(DeadLetter("invalid_utf8", _utf8_message(r.value), r.value, r.key, r.topic,
+                                       r.partition, r.offset, r.timestamp))
+            records = [r for i, r in enumerate(records) if i not in bad_utf8]
+        # The per-event loop: kept to a decode, a type test and two appends (the throughput budget).
         for r in records:
             event = decode(r.value)
             if event.__class__ is tuple:
@@ -112,8 +122,19 @@ class Pipeline:
             if bucket is None:
                 bucket = grouped[event.model] = ([], [])
             bucket[0].append(event)
-            bucket[1].append((r.topic, r.partition, r.offset))
+            bucket[1].append(r)
 
+        for model, (events, recs) in grouped.items():
+            problems = self.decoder.feature_problems(events)
+            if problems:
+                for i, (reason, error) in problems.items():
+                    r = recs[i]
+                    dead.append(DeadLetter(reason, error, r.value, r.key, r.topic, r.partition, r.offset, r.timestamp))
+                keep = [i for i in range(len(events)) if i not in problems]
+                grouped[model] = ([events[i] for i in keep], [recs[i] for i in keep])
+
+        if len(dead) > 1:
+            dead.sort(key=lambda d: (d.topic, d.partition, d.offset))  # input order, whatever found them
         m = self.metrics
         for letter in dead:
             m.dead_letters.labels(letter.reason).inc()
@@ -121,21 +142,23 @@ class Pipeline:
             m.events.labels(NO_MODEL, "dead_letter").inc(len(dead))
 
         for model, (events, sources) in grouped.items():
+            if not events:
+                continue
             route = self.routes.get(model, False)
             if route is False:
                 route = self._route(model)
             if route is None:
                 m.events.labels(OTHER_MODEL, "ignored").inc(len(events))
                 continue
-            batch_ts = max(e.ts for e in events)
             if route.label == OTHER_MODEL:
                 m.events.labels(OTHER_MODEL, "untracked").inc(len(events))
                 continue
             route.events += len(events)
+            batch = in_event_time_order(ModelBatch(model, events, sources))
+            batch_ts = float(batch.ts[-1])
             if batch_ts > route.last_ts:
                 route.last_ts = batch_ts
                 m.last_event_ts.labels(route.label).set(batch_ts)
-            batch = in_event_time_order(ModelBatch(model, events, sources))
             for detector in route.detectors:
                 try:
                     found = detector.update(batch)
@@ -179,5 +202,5 @@ def in_event_time_order(batch: ModelBatch) -> ModelBatch:
     if len(ts) < 2 or not np.any(ts[1:] < ts[:-1]):
         return batch
     order = np.argsort(ts, kind="stable").tolist()
-    events, sources = batch.events, batch.sources
-    return ModelBatch(batch.model, [events[i] for i in order], [sources[i] for i in order])
+    events, records = batch.events, batch.records
+    return ModelBatch(batch.model, [events[i] for i in order], [records[i] for i in order])

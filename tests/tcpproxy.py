@@ -28,11 +28,20 @@ class TcpProxy:
         return self
 
     def _accept(self, server: socket.socket) -> None:
-        while True:
+        # A timeout rather than a blocking accept: closing a socket does not wake a thread blocked in
+        # accept() on Linux, which would then let one more client in after stop().
+        server.settimeout(0.1)
+        while self._server is server:
             try:
                 client, _ = server.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 return
+            if self._server is not server:
+                client.close()
+                return
+            client.settimeout(None)
             try:
                 upstream = socket.create_connection(self.target, timeout=2)
                 upstream.settimeout(None)
@@ -64,8 +73,8 @@ class TcpProxy:
     def stop(self) -> None:
         """Cut every connection and refuse new ones, as a broker that went down."""
         if self._server is not None:
-            self._server.close()
-            self._server = None
+            server, self._server = self._server, None
+            server.close()
         with self._lock:
             sockets = list(self._sockets)
         for s in sockets:

@@ -22,12 +22,17 @@ from monitor.errors import ConfigError
 class ModelBatch:
     """One poll's events of one model, with lazily built numpy columns (NaN where a field is absent)."""
 
-    __slots__ = ("model", "events", "sources", "__dict__")
+    __slots__ = ("model", "events", "records", "__dict__")
 
-    def __init__(self, model: str, events: list[Any], sources: list[tuple[str, int, int]]):
+    def __init__(self, model: str, events: list[Any], records: list[Any]):
         self.model = model
         self.events = events
-        self.sources = sources  # (topic, partition, offset) of each event
+        self.records = records  # the raw record of each event (topic, partition, offset, ...)
+
+    def source(self, index: int) -> tuple[str, int, int]:
+        """(topic, partition, offset) of event ``index``."""
+        r = self.records[index]
+        return r.topic, r.partition, r.offset
 
     def __len__(self) -> int:
         return len(self.events)
@@ -60,6 +65,13 @@ class ModelBatch:
                 c = max(p) if p else nan
             out[i] = c
         return out
+
+    @cached_property
+    def features(self) -> tuple[np.ndarray, np.ndarray]:
+        """(matrix n x d, mask of rows with features), parsed for the whole batch at once."""
+        from monitor.events import features_matrix
+
+        return features_matrix(self.events)
 
     @cached_property
     def client_ids(self) -> list[str | None]:

@@ -18,9 +18,9 @@ request does not swamp a mean.
 ...         event_id=str(i), client_id=None, model_version=None) for i in range(2000)]
 >>> bad = [E(ts=2000.0 + i, confidence=random.gauss(0.6, 0.05), probabilities=None,
 ...          event_id=str(i), client_id=None, model_version=None) for i in range(300)]
->>> d.update(ModelBatch("fraud", ok, [("t", 0, i) for i in range(2000)]))
+>>> d.update(ModelBatch("fraud", ok, [E(topic="t", partition=0, offset=i) for i in range(2000)]))
 []
->>> found = d.update(ModelBatch("fraud", bad, [("t", 0, i) for i in range(300)]))
+>>> found = d.update(ModelBatch("fraud", bad, [E(topic="t", partition=0, offset=i) for i in range(300)]))
 >>> found[0].kind, found[0].severity
 ('prediction_drift', 'critical')
 """
@@ -34,8 +34,12 @@ import msgspec
 import numpy as np
 from river import drift as river_drift
 
+import logging
+
 from monitor.detections import Detection, make_detection
 from monitor.detectors import Detector, ModelBatch
+
+log = logging.getLogger("inferwatch.detectors.drift")
 
 STREAM_KINDS = {
     "confidence": "prediction_drift",
@@ -66,6 +70,9 @@ class StreamState:
         self.recent_ts = np.full(_RECENT, np.nan)
         self.recent_pos = 0
         self.quiet_until = 0
+        # After a change too small to report, the effect is re-checked on the growing window until
+        # then: ADWIN alarms at the start of a change, when the new window is short and still mixed.
+        self.pending_until = 0
         self.alarms = 0
 
     def push_recent(self, values: np.ndarray, ts: np.ndarray) -> None:
@@ -164,6 +171,13 @@ class ScalarDrift(Detector):
                 st.seen += take
                 start = take
             found.extend(self._watch(batch, stream, st, vals, present, start))
+            if st.pending_until and st.seen >= st.quiet_until:
+                if st.seen > st.pending_until:
+                    st.pending_until = 0
+                elif (detection := self._report(batch, stream, st, vals, present, st.seen, st.detector)):
+                    found.append(detection)
+                    st.quiet_until = st.seen + self.params.cooldown
+                    st.pending_until = 0
             st.push_recent(vals, batch.ts[present])
         return found
 
@@ -181,6 +195,7 @@ class ScalarDrift(Detector):
                 if detection is not None:
                     found.append(detection)
                     st.quiet_until = seen + self.params.cooldown
+                    st.pending_until = 0
         st.seen = seen
         return found
 
@@ -188,7 +203,7 @@ class ScalarDrift(Detector):
                 present: np.ndarray, seen: int, detector: Any) -> Detection | None:
         index = int(present[len(upto) - 1])
         width = int(getattr(detector, "width", 0) or 200)
-        width = max(30, min(width, _RECENT))
+        width = max(100 if st.pending_until else 30, min(width, _RECENT))
         past, past_ts = st.last(width)
         upto_ts = batch.ts[present[: len(upto)]]
         window = np.concatenate([past, upto])[-width:]
@@ -196,13 +211,17 @@ class ScalarDrift(Detector):
         now_mean = float(window.mean())
         effect = (now_mean - st.ref_mean) / st.ref_sd
         if not abs(effect) >= self.params.min_effect:
+            if not st.pending_until:
+                log.debug("%s/%s: change detected but %.2f sd is below min_effect; re-checking", self.model,
+                          stream, effect)
+                st.pending_until = seen + max(500, self.params.cooldown)
             return None
         st.alarms += 1
         event = batch.events[index]
         severity = "critical" if abs(effect) >= self.params.critical_effect else "warning"
         shown = math.expm1 if stream in LOG_STREAMS else float
         direction = "rose" if effect > 0 else "fell"
-        topic, partition, offset = batch.sources[index]
+        topic, partition, offset = batch.source(index)
         recent_ids = [e.event_id for e in batch.events[max(0, index - 9): index + 1]]
         method = "ADWIN" if self.params.method == "adwin" else "Page-Hinkley"
         return make_detection(

@@ -42,9 +42,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
 
 
 def _open(path: str) -> BinaryIO:
-    if path == "-":
-        return sys.stdin.buffer
-    handle = open(path, "rb")
+    handle = sys.stdin.buffer if path == "-" else open(path, "rb")
     if handle.peek(2)[:2] == b"\x1f\x8b":  # gzip by content, whatever the file is called
         return gzip.GzipFile(fileobj=handle)  # type: ignore[return-value]
     return handle

@@ -85,6 +85,8 @@ class KafkaSource:
             max_partition_fetch_bytes=1024 * 1024,
         )
         self._lag_labels: set[tuple[str, str]] = set()
+        self._warned_internals = False
+        self._processed: dict[TopicPartition, OffsetAndMetadata] = {}  # next offset to read, per partition
 
     def poll(self) -> list[Any]:
         """Up to ``poll.max_records`` records, flattened across partitions in partition order."""
@@ -99,14 +101,37 @@ class KafkaSource:
             out.extend(records)
         return out
 
-    def commit(self, records: Sequence[Any], timeout: float = 10.0) -> None:
-        """Commit the offsets after the last of ``records`` in each partition (raises on failure)."""
+    def commit(self, records: Sequence[Any], timeout: float = 10.0, sync: bool = True) -> None:
+        """Commit the offsets after the last of ``records`` in each partition.
+
+        ``sync=False`` sends the commit without waiting for its answer: the loop goes on polling, and
+        a lost async commit only means a later commit (or the final synchronous one) covers it.
+        Commits go to the group coordinator in order, so a late answer never moves offsets back.
+        """
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         for r in records:
             offsets[TopicPartition(r.topic, r.partition)] = r.offset
+        if not offsets:
+            return
+        offsets = {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in offsets.items()}
+        self._processed.update(offsets)
+        if sync:
+            self.consumer.commit(offsets, timeout_ms=int(timeout * 1000))
+        else:
+            self.consumer.commit_async(offsets, callback=self._on_async_commit)
+
+    def _on_async_commit(self, offsets: dict, result: Any) -> None:
+        if isinstance(result, Exception):
+            self.metrics.commit_failures.inc()
+            log.debug("async commit failed (%s); the next commit covers it", type(result).__name__)
+
+    def commit_processed(self, timeout: float) -> None:
+        """Commit, synchronously, everything processed in the partitions still assigned (for a stop:
+        it also settles the asynchronous commits still under way)."""
+        assigned = self.consumer.assignment()
+        offsets = {tp: om for tp, om in self._processed.items() if tp in assigned}
         if offsets:
-            self.consumer.commit({tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in offsets.items()},
-                                 timeout_ms=int(timeout * 1000))
+            self.consumer.commit(offsets, timeout_ms=int(timeout * 1000))
 
     def update_lag(self) -> None:
         seen = set()
@@ -131,9 +156,14 @@ class KafkaSource:
         """True while a connection to some broker is up (kafka-python has no public call for this)."""
         try:
             client = self.consumer._client
-            brokers = client.cluster.brokers()
-            return any(client.connected(b.nodeId) for b in brokers)
-        except Exception:
+            nodes = [getattr(b, "node_id", None) if hasattr(b, "node_id") else b.nodeId
+                     for b in client.cluster.brokers()]
+            return any(client.connected(node) for node in nodes)
+        except Exception:  # a kafka-python without these internals: say so once, assume reachable
+            if not self._warned_internals:
+                log.warning("cannot read broker connection state from kafka-python; /readyz will not "
+                            "reflect broker outages while idle", exc_info=True)
+                self._warned_internals = True
             return True
 
     def close(self) -> None:

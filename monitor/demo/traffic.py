@@ -1,0 +1,172 @@
+"""Inference traffic of real scikit-learn models, with incidents injected on a schedule.
+
+Two models serve real predictions: ``digits`` (logistic regression on the 8x8 digits images, 64
+features) and ``cancer`` (a scaled logistic regression on the breast-cancer data, 30 features).
+Benign clients send held-out inputs with small augmentations. Incidents, at fractions of the run:
+- 30%: the ``digits`` inputs drift (a brightness shift and blur-like noise): confidence falls;
+- 45%: client ``mallory`` starts probing ``digits`` with uniformly random images;
+- 60%: ``cancer`` becomes 8x slower (a latency regression);
+- throughout: one message in 400 is malformed (bad JSON, wrong types, NaN, too many features).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class Incident:
+    name: str
+    at: float  # fraction of the run
+    started: bool = False
+
+
+@dataclass
+class TrafficPlan:
+    duration: float
+    rate: float
+    incidents: list[Incident] = field(default_factory=lambda: [
+        Incident("digits input drift", 0.30),
+        Incident("mallory probes digits", 0.45),
+        Incident("cancer latency x8", 0.60),
+    ])
+
+
+class ServedModel:
+    """A trained model plus the held-out inputs benign clients send."""
+
+    def __init__(self, name: str, version: str, model, inputs: np.ndarray, low: float, high: float,
+                 latency_ms: float):
+        self.name, self.version, self.model = name, version, model
+        self.inputs, self.low, self.high = inputs, low, high
+        self.latency_ms = latency_ms
+
+
+def train_models(seed: int = 0) -> dict[str, ServedModel]:
+    from sklearn.datasets import load_breast_cancer, load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    digits = load_digits()
+    x_train, x_test, y_train, _ = train_test_split(digits.data, digits.target, test_size=0.5, random_state=seed)
+    digits_model = LogisticRegression(max_iter=2000).fit(x_train / 16.0, y_train)
+    cancer = load_breast_cancer()
+    c_train, c_test, cy_train, _ = train_test_split(cancer.data, cancer.target, test_size=0.5, random_state=seed)
+    cancer_model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(c_train, cy_train)
+    return {
+        "digits": ServedModel("digits", "v3", digits_model, x_test / 16.0, 0.0, 1.0, 12.0),
+        "cancer": ServedModel("cancer", "2024-11", cancer_model, c_test, float(cancer.data.min()),
+                              float(cancer.data.max()), 25.0),
+    }
+
+
+MALFORMED = [
+    b"this is not JSON",
+    b'{"event_id": "m1", "ts": "yesterday", "model": "digits"}',
+    b'{"event_id": "m2", "ts": 1, "model": "digits", "latency_ms": "fast"}',
+    b'{"event_id": "m3", "ts": NaN, "model": "digits"}',
+    b'{"ts": 1, "model": "cancer"}',
+    b"[1, 2, 3]",
+]
+
+
+class TrafficGenerator:
+    """Produces events to Kafka (or any ``send(key, value)``) at a steady rate from a thread."""
+
+    def __init__(self, send: Callable[[bytes | None, bytes], None], plan: TrafficPlan,
+                 on_incident: Callable[[str], None] = lambda name: None, seed: int = 1):
+        self.send = send
+        self.plan = plan
+        self.on_incident = on_incident
+        self.rng = np.random.default_rng(seed)
+        self.random = random.Random(seed)
+        self.models = train_models(seed)
+        self.clients = [f"client-{i:03d}" for i in range(40)]
+        self.sent = 0
+        self.malformed = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+        self._seq = 0
+
+    def start(self) -> "TrafficGenerator":
+        self.thread.start()
+        return self
+
+    def _active(self, name: str) -> bool:
+        return any(i.name == name and i.started for i in self.plan.incidents)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        tick = 0.05
+        per_tick = max(1, int(self.plan.rate * tick))
+        while not self.stop.is_set():
+            elapsed = time.monotonic() - start
+            if elapsed >= self.plan.duration:
+                return
+            for incident in self.plan.incidents:
+                if not incident.started and elapsed >= incident.at * self.plan.duration:
+                    incident.started = True
+                    self.on_incident(incident.name)
+            self._emit(per_tick)
+            spare = tick - (time.monotonic() - start - elapsed)
+            if spare > 0:
+                self.stop.wait(spare)
+
+    def _emit(self, n: int) -> None:
+        now = time.time()
+        n_digits = n * 2 // 3
+        self._batch(self.models["digits"], n_digits, now)
+        self._batch(self.models["cancer"], n - n_digits, now)
+        if self.random.random() < n / 400:
+            self.send(None, self.random.choice(MALFORMED))
+            self.malformed += 1
+
+    def _batch(self, served: ServedModel, n: int, now: float) -> None:
+        if n <= 0:
+            return
+        rng = self.rng
+        idx = rng.integers(0, len(served.inputs), n)
+        x = served.inputs[idx].copy()
+        clients = [self.clients[i] for i in rng.integers(0, len(self.clients), n)]
+        if served.name == "digits":
+            x = np.clip(x + rng.normal(0, 0.03, x.shape), 0, 1)  # benign augmentation: sensor noise
+            if self._active("digits input drift"):
+                x = np.clip(0.35 + 0.5 * x + rng.normal(0, 0.25, x.shape), 0, 1)
+            if self._active("mallory probes digits"):
+                k = max(1, n // 5)
+                x[:k] = rng.uniform(0, 1, (k, x.shape[1]))
+                clients[:k] = ["mallory"] * k
+        else:
+            x = x * rng.normal(1.0, 0.01, x.shape)
+        proba = served.model.predict_proba(x)
+        labels = served.model.classes_[proba.argmax(axis=1)]
+        latency = rng.lognormal(np.log(served.latency_ms), 0.25, n)
+        if served.name == "cancer" and self._active("cancer latency x8"):
+            latency *= 8
+        for i in range(n):
+            self._seq += 1
+            client = clients[i]
+            event = {
+                "event_id": f"{served.name}-{self._seq}",
+                "ts": round(now, 6),
+                "model": served.name,
+                "model_version": served.version,
+                "client_id": client,
+                "features": np.round(x[i], 4).tolist(),
+                "prediction": int(labels[i]),
+                "probabilities": np.round(proba[i], 5).tolist(),
+                "latency_ms": round(float(latency[i]), 3),
+                "input_bytes": int(x.shape[1] * 8),
+                "status": "ok",
+            }
+            self.send(client.encode(), json.dumps(event).encode())
+            self.sent += 1

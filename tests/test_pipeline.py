@@ -1,0 +1,237 @@
+"""The pipeline on real records, detectors and metrics: routing per model, the model limit, ignored
+models, a failing detector, state carried across a restart and batches put in event-time order."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import random
+from typing import Any
+
+import pytest
+
+from monitor.config import load_config
+from monitor.detectors.scalar_drift import ScalarDrift
+from monitor.ops.metrics import Metrics
+from monitor.pipeline import Pipeline
+from monitor.sources.files import FileRecord
+
+T0 = 1_764_000_000.0
+
+
+def event(i: int, model: str = "fraud", **fields: Any) -> dict[str, Any]:
+    return {"event_id": f"{model}-{i}", "ts": T0 + i * 0.01, "model": model, "confidence": 0.9, **fields}
+
+
+def records(events: list[dict[str, Any]] | list[bytes], topic: str = "logs") -> list[FileRecord]:
+    return [FileRecord(e if isinstance(e, bytes) else json.dumps(e).encode(), None, topic, 0, i, None)
+            for i, e in enumerate(events)]
+
+
+def confident_then_unsure(n_good: int, n_bad: int, start: int = 0, seed: int = 7) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [event(i, confidence=min(1.0, rng.gauss(0.93, 0.02)) if i < start + n_good else rng.gauss(0.6, 0.05))
+            for i in range(start, start + n_good + n_bad)]
+
+
+def pipeline(metrics: Metrics | None = None, restored: dict | None = None, **overrides: Any) -> Pipeline:
+    return Pipeline(load_config(None, overrides), metrics or Metrics(), restored)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def stream(p: Pipeline, model: str):
+    return p.routes[model].detectors[0].streams["confidence"]
+
+
+def test_first_event_of_a_model_builds_its_configured_detectors():
+    p = pipeline()
+    p.process(records([event(0, "fraud"), event(1, "credit")]))
+    assert [type(d) for d in p.routes["fraud"].detectors] == [ScalarDrift]
+    assert [type(d) for d in p.routes["credit"].detectors] == [ScalarDrift]
+    assert p.routes["fraud"].detectors[0] is not p.routes["credit"].detectors[0]
+
+
+def test_a_model_keeps_its_detectors_across_batches():
+    p = pipeline()
+    p.process(records([event(0)]))
+    first = p.routes["fraud"].detectors[0]
+    p.process(records([event(1)]))
+    assert p.routes["fraud"].detectors[0] is first
+    assert stream(p, "fraud").seen == 2
+
+
+def test_detectors_follow_the_model_overrides():
+    p = pipeline(**{"models.overrides": [{"model": "canary-*", "detectors": {"drift": False}}]})
+    p.process(records([event(0, "canary-1"), event(1, "fraud")]))
+    assert p.routes["canary-1"].detectors == []
+    assert len(p.routes["fraud"].detectors) == 1
+
+
+def test_processed_events_are_counted_per_model():
+    metrics = Metrics()
+    p = pipeline(metrics)
+    result = p.process(records([event(i, "fraud") for i in range(7)] + [event(i, "credit") for i in range(3)]))
+    assert result.processed == 10
+    assert sample(metrics, "inferwatch_events_total", model="fraud", outcome="processed") == 7
+    assert sample(metrics, "inferwatch_events_total", model="credit", outcome="processed") == 3
+    assert sample(metrics, "inferwatch_models_tracked") == 2
+
+
+def test_models_beyond_max_models_are_counted_as_untracked_under_other():
+    metrics = Metrics()
+    p = pipeline(metrics, **{"limits.max_models": 2})
+    p.process(records([event(i, f"model-{m}") for m in range(5) for i in range(10)]))
+    tracked = [name for name, route in p.routes.items() if route is not None and route.label == name]
+    assert tracked == ["model-0", "model-1"]
+    assert sample(metrics, "inferwatch_models_tracked") == 2
+    assert sample(metrics, "inferwatch_events_total", model="__other__", outcome="untracked") == 30
+    assert sample(metrics, "inferwatch_events_total", model="model-0", outcome="processed") == 10
+    for m in range(2, 5):
+        assert metrics.registry.get_sample_value("inferwatch_events_total",
+                                                 {"model": f"model-{m}", "outcome": "processed"}) is None
+
+
+def test_model_limit_holds_across_batches():
+    metrics = Metrics()
+    p = pipeline(metrics, **{"limits.max_models": 2})
+    for m in range(5):
+        p.process(records([event(i, f"model-{m}") for i in range(4)]))
+    assert p.tracked == 2
+    assert sample(metrics, "inferwatch_events_total", model="__other__", outcome="untracked") == 12
+
+
+def test_models_not_watched_are_counted_as_ignored():
+    metrics = Metrics()
+    p = pipeline(metrics, **{"models.watch": ["fraud-*"], "models.ignore": ["*-shadow"]})
+    result = p.process(records([event(0, "fraud-eu"), event(1, "credit"), event(2, "credit"),
+                                event(3, "fraud-eu-shadow")]))
+    assert result.processed == 1
+    assert sample(metrics, "inferwatch_events_total", model="__other__", outcome="ignored") == 3
+    assert p.routes["credit"] is None and p.routes["fraud-eu-shadow"] is None
+    assert sample(metrics, "inferwatch_models_tracked") == 1
+
+
+def test_bad_messages_become_dead_letters_with_their_source():
+    metrics = Metrics()
+    p = pipeline(metrics)
+    result = p.process(records([event(0), b"not json", event(1), b'{"ts": 1, "model": "fraud"}'], topic="t1"))
+    assert result.processed == 2
+    assert [(d.reason, d.topic, d.offset) for d in result.dead_letters] == [("invalid_json", "t1", 1),
+                                                                           ("missing_field", "t1", 3)]
+    assert result.dead_letters[0].value == b"not json"
+    assert sample(metrics, "inferwatch_dead_letters_total", reason="invalid_json") == 1
+    assert sample(metrics, "inferwatch_events_total", model="__none__", outcome="dead_letter") == 2
+
+
+def test_an_event_with_bad_features_is_a_dead_letter_and_its_model_goes_on():
+    metrics = Metrics()
+    p = pipeline(metrics, **{"limits.max_features": 3})
+    result = p.process(records([event(0, features=[1, 2]), event(1, features=[1, 2, 3, 4]),
+                                event(2, features={"a": 1, "b": "x"}), event(3, features=[3, 4])]))
+    assert sorted((d.reason, d.offset) for d in result.dead_letters) == [("too_many_features", 1), ("wrong_type", 2)]
+    assert result.processed == 2
+    assert sample(metrics, "inferwatch_events_total", model="fraud", outcome="processed") == 2
+
+
+def test_invalid_utf8_in_a_feature_name_does_not_stop_the_batch():
+    good = json.dumps(event(0)).encode()
+    poison = b'{"event_id": "p", "ts": 1764000000, "model": "fraud", "features": {"amount\xff": 1}}'
+    result = pipeline().process(records([good, poison]))
+    assert [d.reason for d in result.dead_letters] == ["invalid_utf8"]
+    assert result.processed == 1
+
+
+def test_a_failing_detector_does_not_stop_other_models(monkeypatch):
+    metrics = Metrics()
+    p = pipeline(metrics)
+    p.process(records([event(0, "broken"), event(0, "healthy")]))
+
+    def update(batch):
+        raise RuntimeError("detector bug")
+
+    monkeypatch.setattr(p.routes["broken"].detectors[0], "update", update)
+    result = p.process(records([event(i, "broken") for i in range(1, 6)] + [event(i, "healthy") for i in range(1, 6)]))
+    assert stream(p, "healthy").seen == 6
+    assert result.processed == 10
+    assert sample(metrics, "inferwatch_events_total", model="healthy", outcome="processed") == 6
+
+
+def test_a_failing_detector_is_counted_and_logged_with_its_model(monkeypatch, caplog):
+    metrics = Metrics()
+    p = pipeline(metrics)
+    p.process(records([event(0, "broken")]))
+
+    def update(batch):
+        raise RuntimeError("detector bug")
+
+    monkeypatch.setattr(p.routes["broken"].detectors[0], "update", update)
+    with caplog.at_level(logging.ERROR, logger="inferwatch.pipeline"):
+        p.process(records([event(i, "broken") for i in range(1, 4)]))
+        p.process(records([event(i, "broken") for i in range(4, 6)]))
+    assert sample(metrics, "inferwatch_detector_errors_total", detector="drift") == 2
+    failures = [r for r in caplog.records if r.exc_info]
+    assert len(failures) == 2
+    assert "broken" in failures[0].getMessage() and "drift" in failures[0].getMessage()
+    assert isinstance(failures[0].exc_info[1], RuntimeError)
+
+
+def test_restored_state_continues_without_relearning():
+    before = pipeline()
+    before.process(records([event(i) for i in range(600)]))
+    checkpoint = pickle.loads(pickle.dumps(before.state()))  # what the checkpoint store does
+
+    after = pipeline(restored=checkpoint)
+    after.process(records([event(i) for i in range(600, 610)]))
+    assert stream(after, "fraud").seen == 610
+    assert after.routes["fraud"].detectors[0].describe()["streams"]["confidence"]["state"] == "armed"
+
+
+def test_a_change_right_after_a_restart_is_detected():
+    events = confident_then_unsure(3000, 1500)
+    before = pipeline()
+    assert before.process(records(events[:3000])).detections == []
+    checkpoint = pickle.loads(pickle.dumps(before.state()))
+
+    after = pipeline(restored=checkpoint)
+    found = after.process(records(events[3000:])).detections
+    assert [(d.model, d.kind, d.evidence["stream"]) for d in found][:1] == [("fraud", "prediction_drift", "confidence")]
+
+
+def test_without_restored_state_the_change_becomes_the_reference():
+    events = confident_then_unsure(3000, 1500)
+    fresh = pipeline()
+    assert fresh.process(records(events[3000:])).detections == []
+
+
+def test_restored_state_of_a_model_not_yet_seen_is_kept_for_the_next_checkpoint():
+    before = pipeline()
+    before.process(records([event(0, "fraud"), event(0, "credit")]))
+    checkpoint = pickle.loads(pickle.dumps(before.state()))
+
+    after = pipeline(restored=checkpoint)
+    after.process(records([event(1, "fraud")]))
+    assert set(after.state()) == {"fraud", "credit"}
+    assert after.state()["credit"]["drift"]["streams"]["confidence"].seen == 1
+
+
+def test_out_of_order_batch_is_given_to_detectors_in_event_time_order():
+    p = pipeline()
+    events = [event(i, confidence=0.5 + i / 1000) for i in range(50)]
+    random.Random(3).shuffle(events)
+    p.process(records(events))
+    values, ts = stream(p, "fraud").last(50)
+    assert list(ts) == sorted(ts)
+    assert list(values) == pytest.approx([0.5 + i / 1000 for i in range(50)])  # each value moved with its event
+
+
+def test_last_event_timestamp_is_the_newest_event_time_of_the_batch():
+    metrics = Metrics()
+    p = pipeline(metrics)
+    p.process(records([event(5), event(9), event(2)]))
+    assert sample(metrics, "inferwatch_last_event_timestamp_seconds", model="fraud") == T0 + 0.09
+    p.process(records([event(1)]))  # an older straggler does not move it back
+    assert sample(metrics, "inferwatch_last_event_timestamp_seconds", model="fraud") == T0 + 0.09
