@@ -185,17 +185,30 @@ class ScalarDrift(Detector):
                present: np.ndarray, start: int) -> list[Detection]:
         found = []
         detector = st.detector
-        update = detector.update
         seen = st.seen
+        # river's ADWIN.update is `if drift_detected: _reset(); _drift_detected = _helper.update(x)`;
+        # calling the Rust helper directly does the same in a fifth of the time (the per-event budget).
+        fast = isinstance(detector, river_drift.ADWIN) and hasattr(detector, "_helper")
+        drifted = bool(detector.drift_detected)
+        update = detector._helper.update if fast else detector.update
         for i, v in enumerate(vals[start:].tolist(), start):
-            update(v)
+            if fast:
+                if drifted:
+                    detector._reset()
+                    update = detector._helper.update
+                drifted = update(v)
+            else:
+                update(v)
+                drifted = detector.drift_detected
             seen += 1
-            if detector.drift_detected and seen >= st.quiet_until:
+            if drifted and seen >= st.quiet_until:
                 detection = self._report(batch, stream, st, vals[: i + 1], present, seen, detector)
                 if detection is not None:
                     found.append(detection)
                     st.quiet_until = seen + self.params.cooldown
                     st.pending_until = 0
+        if fast:
+            detector._drift_detected = drifted
         st.seen = seen
         return found
 

@@ -53,9 +53,11 @@ def make_producer(config: Config, **overrides: Any) -> KafkaProducer:
         **_common(config),
         "acks": "all",
         "linger_ms": 5,
-        "retries": 5,
         "max_block_ms": 10000,
         "request_timeout_ms": 10000,
+        # A send the broker has not acknowledged by then fails, and the daemon resends it: an outage
+        # shows as a failure within this time rather than kafka-python's default two minutes.
+        "delivery_timeout_ms": 30000,
         **overrides,
     }
     return KafkaProducer(**settings)
