@@ -1,0 +1,31 @@
+"""`inferwatch demo` end to end: embedded broker, real models' traffic, injected incidents found."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_demo_detects_the_injected_incidents_and_counts_the_malformed_messages(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor", "demo", "--duration", "24", "--rate", "1500", "--http-port", "0",
+         "--state-dir", str(tmp_path / "state")],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "incident injected: digits input drift" in out
+    assert "incident injected: cancer latency x8" in out
+    # the drift of digits and the latency regression of cancer are both reported, each as one line
+    assert re.search(r"digits\s+prediction_drift\s+confidence fell", out), out
+    assert re.search(r"cancer\s+latency_anomaly\s+latency_ms rose", out), out
+    # every message sent was consumed, and the malformed ones are dead letters, counted by reason
+    sent = re.search(r"events sent (\d+) \(malformed (\d+)\), processed (\d+)", out)
+    assert sent, out
+    total, malformed, processed = map(int, sent.groups())
+    assert processed == total and malformed > 0
+    letters = re.search(r"dead letters: (.*)", out).group(1)
+    assert sum(int(n) for n in re.findall(r"\b(\d+)\b", letters)) == malformed
+    assert "http://127.0.0.1:" in out and "/metrics" in out
