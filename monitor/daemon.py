@@ -164,7 +164,7 @@ class DetectDaemon:
         for records in self.source.batches():
             self._last_loop = time.monotonic()
             with self.metrics.batch_seconds.time():
-                result = self.pipeline.process(records)
+                result = self.pipeline.process_safely(records)
                 self.outputs.publish(result)
             self.metrics.batch_events.observe(len(records))
             self.processed += len(records)
@@ -221,7 +221,7 @@ class DetectDaemon:
             if self.first_batch_at is None:
                 self.first_batch_at = now
             with self.metrics.batch_seconds.time():
-                result = self.pipeline.process(records)
+                result = self.pipeline.process_safely(records)
                 delivered = self._deliver(result, records)
             self.metrics.batch_events.observe(len(records))
             if not delivered:

@@ -30,6 +30,7 @@ REASONS = {
     "too_many_features": "features has more dimensions than limits.max_features",
     "invalid_timestamp": "ts is neither epoch seconds nor an RFC 3339 date-time",
     "empty_message": "the message has no value (a tombstone or an empty line)",
+    "processing_failed": "a bug in InferWatch failed on this message (the log has the traceback)",
 }
 
 

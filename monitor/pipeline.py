@@ -98,6 +98,30 @@ class Pipeline:
 
     # -- the batch -----------------------------------------------------------------------------
 
+    def process_safely(self, records: list[RawRecord]) -> BatchResult:
+        """``process``, and if it fails (a bug, since bad input is handled), the batch again one
+        message at a time so that the message that triggers the bug becomes a dead letter
+        (``processing_failed``) instead of stopping the stream on every restart."""
+        try:
+            return self.process(records)
+        except Exception:
+            log.exception("a batch of %d messages failed; isolating the message that causes it", len(records))
+        result = BatchResult()
+        for r in records:
+            try:
+                part = self.process([r])
+            except Exception as exc:
+                log.exception("message at %s[%d]@%d failed processing; dead-lettered", r.topic, r.partition, r.offset)
+                result.dead_letters.append(DeadLetter("processing_failed", f"{type(exc).__name__}: {exc}"[:500],
+                                                      r.value, r.key, r.topic, r.partition, r.offset, r.timestamp))
+                self.metrics.dead_letters.labels("processing_failed").inc()
+                self.metrics.events.labels(NO_MODEL, "dead_letter").inc()
+                continue
+            result.detections.extend(part.detections)
+            result.dead_letters.extend(part.dead_letters)
+            result.processed += part.processed
+        return result
+
     def process(self, records: Iterable[RawRecord]) -> BatchResult:
         result = BatchResult()
         decode = self.decoder.decode_unchecked_features

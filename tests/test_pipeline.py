@@ -235,3 +235,25 @@ def test_last_event_timestamp_is_the_newest_event_time_of_the_batch():
     assert sample(metrics, "inferwatch_last_event_timestamp_seconds", model="fraud") == T0 + 0.09
     p.process(records([event(1)]))  # an older straggler does not move it back
     assert sample(metrics, "inferwatch_last_event_timestamp_seconds", model="fraud") == T0 + 0.09
+
+
+def test_a_message_that_triggers_a_bug_is_isolated_as_a_dead_letter_and_the_rest_go_on(monkeypatch):
+    metrics = Metrics()
+    p = pipeline(metrics)
+    real_decode = p.decoder.decode_unchecked_features
+
+    def decode_with_a_bug(raw):
+        if b'"e-poison"' in raw:
+            raise KeyError("a bug in the decoder")
+        return real_decode(raw)
+
+    monkeypatch.setattr(p.decoder, "decode_unchecked_features", decode_with_a_bug)
+    batch = [event(i) for i in range(50)]
+    batch[20]["event_id"] = "e-poison"
+    result = p.process_safely(records(batch))
+
+    assert [(d.reason, d.offset) for d in result.dead_letters] == [("processing_failed", 20)]
+    assert "KeyError" in result.dead_letters[0].error
+    assert result.processed == 49
+    assert metrics.registry.get_sample_value("inferwatch_dead_letters_total", {"reason": "processing_failed"}) == 1
+    assert metrics.registry.get_sample_value("inferwatch_events_total", {"model": "fraud", "outcome": "processed"}) == 49

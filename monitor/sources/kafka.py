@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any, Sequence
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from monitor.config import Config, seconds
@@ -63,6 +63,28 @@ def make_producer(config: Config, **overrides: Any) -> KafkaProducer:
     return KafkaProducer(**settings)
 
 
+class _CommitOnRevoke(ConsumerRebalanceListener):
+    """Before partitions move to another replica, commit what this one finished in them, so the new
+    owner starts exactly there (asynchronous commits may still be under way at that moment)."""
+
+    def __init__(self, source: "KafkaSource"):
+        self.source = source
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        offsets = {tp: om for tp, om in self.source._processed.items() if tp in set(revoked)}
+        if offsets:
+            try:
+                self.source.consumer.commit(offsets)
+            except Exception as exc:  # the group may already have moved on: then they are redelivered
+                log.warning("commit on revoke failed (%s); those events will be redelivered", type(exc).__name__)
+        for tp in revoked:
+            self.source._processed.pop(tp, None)
+        log.info("partitions revoked: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in revoked) or "none")
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("partitions assigned: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "none")
+
+
 class KafkaSource:
     """Batched polls from the logs topic in the configured group, with manual commits and lag."""
 
@@ -72,7 +94,6 @@ class KafkaSource:
         self.topics = list(topics or [config.kafka.topics.logs])
         k = config.kafka
         self.consumer = KafkaConsumer(
-            *self.topics,
             **_common(config),
             group_id=k.group_id,
             enable_auto_commit=False,
@@ -86,6 +107,7 @@ class KafkaSource:
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=1024 * 1024,
         )
+        self.consumer.subscribe(self.topics, listener=_CommitOnRevoke(self))
         self._lag_labels: set[tuple[str, str]] = set()
         self._warned_internals = False
         self._processed: dict[TopicPartition, OffsetAndMetadata] = {}  # next offset to read, per partition
