@@ -125,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from monitor.config import load_config
 
+    from monitor.sources.kafka import missing_environment
+
     config = load_config(args.config)
+    for key, name in missing_environment(config):
+        print(f"{args.config}: warning: $.kafka.security.{key} needs ${{{name}}}, which is not set here "
+              "(the daemon refuses to start without it)", file=sys.stderr)
     detectors = ", ".join(config.detectors) or "none"
     print(f"{args.config}: ok (watching {', '.join(config.models.watch)}; detectors: {detectors}; "
           f"logs topic {config.kafka.topics.logs} on {','.join(config.kafka.bootstrap_servers)})")

@@ -100,8 +100,6 @@ class Limits(Base):
 class Http(Base):
     host: str = "0.0.0.0"
     port: Port = 9108
-    # Without a broker round trip in this long, /readyz turns false.
-    ready_timeout: Duration = "30s"
 
 
 class State(Base):
@@ -162,6 +160,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read the config file: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}); a config is a YAML file") from None
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -204,7 +204,6 @@ def _check_semantics(config: Config) -> None:
     where = config.source
     for key in ("ack_timeout",):
         _duration(where, f"$.kafka.{key}", getattr(config.kafka, key))
-    _duration(where, "$.http.ready_timeout", config.http.ready_timeout)
     if _duration(where, "$.state.checkpoint_interval", config.state.checkpoint_interval) < 1:
         raise ConfigError(f"{where}: $.state.checkpoint_interval: expected at least 1s")
     if _duration(where, "$.kafka.ack_timeout", config.kafka.ack_timeout) <= 0:
@@ -218,6 +217,9 @@ def _check_semantics(config: Config) -> None:
     topics = config.kafka.topics
     if len({topics.logs, topics.dead_letters, topics.detections}) != 3:
         raise ConfigError(f"{where}: $.kafka.topics: logs, dead_letters and detections must be three different topics")
+    from monitor.sources.kafka import check_security_keys
+
+    check_security_keys(config)
     for name, params in config.detectors.items():
         registry.check_params(name, params, f"{where}: $.detectors.{name}")
     for i, override in enumerate(config.models.overrides):

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaConfigurationError, KafkaError
 
 from monitor import __version__
 from monitor.config import Config, seconds
+from monitor.errors import ConfigError
 from monitor.detections import Detection
 from monitor.ops.http import HttpServer
 from monitor.ops.metrics import Metrics
@@ -178,13 +179,12 @@ class DetectDaemon:
 
     # -- kafka ---------------------------------------------------------------------------------
 
-    def _run_kafka(self, checkpoint_due: threading.Event) -> None:
-        from monitor.sources.kafka import KafkaSource, ack_timeout, ensure_topics, make_producer, wait_for_broker
+    def _beat(self) -> None:
+        self._last_loop = time.monotonic()
 
-        self._ready_reason = "waiting for the broker"  # the normal start: not worth a warning
-        wait_for_broker(self.config, self.stopping)
-        if self.stopping.is_set():
-            return
+    def _connect(self) -> None:
+        from monitor.sources.kafka import KafkaSource, ack_timeout, ensure_topics, make_producer
+
         if self.config.kafka.create_topics:
             ensure_topics(self.config)
         max_request = max(1_048_576, self.config.limits.max_message_bytes + 128 * 1024)
@@ -194,7 +194,35 @@ class DetectDaemon:
                                     Spool(Path(self.config.state.dir) / "undeliverable.jsonl"),
                                     ack_timeout(self.config), max_request)
         self.outputs.listeners.extend(self.listeners)
-        self.source = KafkaSource(self.config, self.metrics)
+        try:
+            self.source = KafkaSource(self.config, self.metrics)
+        except Exception:
+            self.outputs.close()
+            self.outputs = None
+            raise
+
+    def _run_kafka(self, checkpoint_due: threading.Event) -> None:
+        from monitor.sources.kafka import security_settings, wait_for_broker
+
+        security_settings(self.config)  # a missing ${VAR} is a config error now, not an outage later
+
+        self._ready_reason = "waiting for the broker"  # the normal start: not worth a warning
+        delay = 1.0
+        while True:
+            wait_for_broker(self.config, self.stopping, heartbeat=self._beat)
+            if self.stopping.is_set():
+                return
+            try:
+                self._connect()
+                break
+            except (KafkaConfigurationError, ValueError, TypeError) as exc:
+                raise ConfigError(f"{self.config.source}: $.kafka: kafka-python rejects the settings: {exc}") from None
+            except (KafkaError, OSError) as exc:
+                # The broker answered TCP but not Kafka (starting up, wrong port, auth): try again.
+                log.warning("connecting to Kafka failed (%s: %s); retrying", type(exc).__name__, exc)
+                self._set_ready(f"connecting failed: {type(exc).__name__}")
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 30.0)
         self._set_ready("ok")
         last_lag = 0.0
         while not self.stopping.is_set():

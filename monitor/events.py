@@ -135,6 +135,13 @@ class DeadLetter(NamedTuple):
     partition: int
     offset: int
     timestamp_ms: int | None
+    headers: list[tuple[str, bytes]] | None = None  # the original record's headers, kept
+
+    @classmethod
+    def of(cls, record: Any, reason: str, error: str) -> "DeadLetter":
+        """The dead letter of a source record (a kafka-python ConsumerRecord or a file record)."""
+        return cls(reason, error, record.value, record.key, record.topic, record.partition, record.offset,
+                   record.timestamp, getattr(record, "headers", None))
 
     def envelope(self) -> dict[str, Any]:
         """The JSON form used where there are no Kafka headers (file sources, logs)."""

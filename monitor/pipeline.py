@@ -112,8 +112,7 @@ class Pipeline:
                 part = self.process([r])
             except Exception as exc:
                 log.exception("message at %s[%d]@%d failed processing; dead-lettered", r.topic, r.partition, r.offset)
-                result.dead_letters.append(DeadLetter("processing_failed", f"{type(exc).__name__}: {exc}"[:500],
-                                                      r.value, r.key, r.topic, r.partition, r.offset, r.timestamp))
+                result.dead_letters.append(DeadLetter.of(r, "processing_failed", f"{type(exc).__name__}: {exc}"[:500]))
                 self.metrics.dead_letters.labels("processing_failed").inc()
                 self.metrics.events.labels(NO_MODEL, "dead_letter").inc()
                 continue
@@ -133,14 +132,13 @@ class Pipeline:
         if bad_utf8:
             for i in sorted(bad_utf8):
                 r = records[i]
-                dead.append(DeadLetter("invalid_utf8", _utf8_message(r.value), r.value, r.key, r.topic,
-                                       r.partition, r.offset, r.timestamp))
+                dead.append(DeadLetter.of(r, "invalid_utf8", _utf8_message(r.value)))
             records = [r for i, r in enumerate(records) if i not in bad_utf8]
         # The per-event loop: kept to a decode, a type test and two appends (the throughput budget).
         for r in records:
             event = decode(r.value)
             if event.__class__ is tuple:
-                dead.append(DeadLetter(event[0], event[1], r.value, r.key, r.topic, r.partition, r.offset, r.timestamp))
+                dead.append(DeadLetter.of(r, event[0], event[1]))
                 continue
             bucket = grouped.get(event.model)
             if bucket is None:
@@ -153,7 +151,7 @@ class Pipeline:
             if problems:
                 for i, (reason, error) in problems.items():
                     r = recs[i]
-                    dead.append(DeadLetter(reason, error, r.value, r.key, r.topic, r.partition, r.offset, r.timestamp))
+                    dead.append(DeadLetter.of(r, reason, error))
                 keep = [i for i in range(len(events)) if i not in problems]
                 grouped[model] = ([events[i] for i in keep], [recs[i] for i in keep])
 

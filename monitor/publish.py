@@ -29,6 +29,18 @@ detections_log = logging.getLogger("inferwatch.detections")
 
 # Room left for the record's key, headers and framing under the producer's request size.
 _HEADROOM = 64 * 1024
+_MAX_KEY_BYTES = 1024
+_MAX_ORIGINAL_HEADERS = 32
+_MAX_HEADER_BYTES = 1024
+
+
+def _retriable(exc: BaseException | None) -> bool:
+    """Worth another try: the broker is away or slow, not refusing this record for good."""
+    return bool(getattr(exc, "retriable", False)) or isinstance(exc, (KafkaTimeoutError, KafkaConnectionError, OSError))
+
+
+def _describe(exc: BaseException | None) -> str:
+    return type(exc).__name__ if exc is None or not str(exc) else f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 class PublishError(Exception):
@@ -79,31 +91,50 @@ class KafkaOutputs:
 
     def publish(self, result: BatchResult) -> None:
         sent: list[tuple[Any, str, Any]] = []
-        send = self.producer.send
+        outputs: list[tuple[str, Any, dict[str, Any]]] = [
+            ("detection", d, {"topic": self.detections_topic, "key": d.model.encode(), "value": encode(d)})
+            for d in result.detections]
+        for letter in result.dead_letters:
+            outputs.append(("dead_letter", letter, self._dead_letter_record(letter)))
+        for kind, item, record in outputs:
+            try:
+                sent.append((self.producer.send(**record), kind, item))
+            except KafkaError as exc:
+                if _retriable(exc):
+                    raise PublishError(f"producing the batch's outputs failed: {_describe(exc)}") from exc
+                self._keep(kind, item, exc)  # refused before sending (too large, invalid): keep it locally
         try:
-            for d in result.detections:
-                sent.append((send(self.detections_topic, key=d.model.encode(), value=encode(d)), "detection", d))
-            for letter in result.dead_letters:
-                value, truncated = letter.value, None
-                if value is not None and len(value) > self.max_value_bytes:
-                    value, truncated = value[: self.max_value_bytes], len(value)
-                sent.append((send(self.dead_letter_topic, key=letter.key, value=value,
-                                  headers=dead_letter_headers(letter, truncated)), "dead_letter", letter))
             self.producer.flush(timeout=self.ack_timeout)
         except KafkaError as exc:
-            raise PublishError(f"producing the batch's outputs failed: {type(exc).__name__}") from exc
+            raise PublishError(f"producing the batch's outputs failed: {_describe(exc)}") from exc
         for future, kind, item in sent:
             if not future.is_done:
                 raise PublishError("the broker did not acknowledge every output in time")
             if future.failed():
-                exc = future.exception
-                if future.retriable() or isinstance(exc, (KafkaTimeoutError, KafkaConnectionError, OSError)):
-                    raise PublishError(f"output not acknowledged: {type(exc).__name__}") from exc
-                # A permanent refusal (too large, not authorised, invalid topic): keep it locally, loudly.
-                log.error("broker refused a %s for good (%s); kept in %s", kind, type(exc).__name__, self.spool.path)
-                payload = item.envelope() if kind == "dead_letter" else json.loads(encode(item))
-                self.spool.write(kind, payload, type(exc).__name__)
+                if _retriable(future.exception):
+                    raise PublishError(f"output not acknowledged: {_describe(future.exception)}") from future.exception
+                self._keep(kind, item, future.exception)
         announce(result.detections, self.listeners)
+
+    def _dead_letter_record(self, letter: DeadLetter) -> dict[str, Any]:
+        """The dead letter as a Kafka record that fits the producer's request size: the original key,
+        value and headers, cut (and said so in headers) where they would not fit."""
+        key, value, cut_key, cut_value = letter.key, letter.value, None, None
+        if key is not None and len(key) > _MAX_KEY_BYTES:
+            key, cut_key = key[:_MAX_KEY_BYTES], len(key)
+        if value is not None and len(value) > self.max_value_bytes:
+            value, cut_value = value[: self.max_value_bytes], len(value)
+        headers = list(letter.headers or [])[:_MAX_ORIGINAL_HEADERS]
+        headers = [(k, v) for k, v in headers if len(k) + len(v or b"") <= _MAX_HEADER_BYTES]
+        headers += dead_letter_headers(letter, cut_value)
+        if cut_key is not None:
+            headers.append(("inferwatch.truncated_key_from_bytes", str(cut_key).encode()))
+        return {"topic": self.dead_letter_topic, "key": key, "value": value, "headers": headers}
+
+    def _keep(self, kind: str, item: Any, exc: BaseException) -> None:
+        log.error("broker refused a %s for good (%s); kept in %s", kind, _describe(exc), self.spool.path)
+        payload = item.envelope() if kind == "dead_letter" else json.loads(encode(item))
+        self.spool.write(kind, payload, _describe(exc))
 
     def close(self) -> None:
         try:

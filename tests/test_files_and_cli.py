@@ -203,3 +203,54 @@ def test_no_command_exits_2_with_the_usage():
     result = inferwatch()
     assert result.returncode == 2
     assert b"usage: inferwatch" in result.stdout + result.stderr
+
+
+def test_a_missing_secret_variable_stops_run_with_exit_2_naming_it(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("kafka:\n  security:\n    sasl_plain_password: ${IW_NOT_SET_ANYWHERE}\n")
+    monkeypatch.delenv("IW_NOT_SET_ANYWHERE", raising=False)
+    result = subprocess.run([sys.executable, "-m", "monitor", "run", "-c", str(config), "--bootstrap", "127.0.0.1:1",
+                             "--http-port", "0", "--state-dir", str(tmp_path / "state")],
+                            cwd=ROOT, capture_output=True, timeout=60)
+    assert result.returncode == 2
+    assert b"IW_NOT_SET_ANYWHERE" in result.stderr and b"$.kafka.security.sasl_plain_password" in result.stderr
+
+
+def test_waiting_for_a_broker_that_is_down_stays_healthy_not_ready_and_stops_on_sigterm(tmp_path):
+    import json as _json
+    import signal
+    import time
+    import urllib.error
+    import urllib.request
+
+    from monitor.broker import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--bootstrap", f"127.0.0.1:{free_port()}",
+                                "--http-port", str(port), "--state-dir", str(tmp_path / "state")],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        def get(path):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                    return response.status, _json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, _json.loads(exc.read())
+
+        for _ in range(100):
+            try:
+                status, body = get("/readyz")
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert (status, body["reason"]) == (503, "waiting for the broker")
+        assert get("/healthz")[0] == 200
+        process.send_signal(signal.SIGTERM)
+        # it stops within the wait's back-off, not after a client's 30-second bootstrap timeout
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = process.stdout.read().decode()
+    assert output.count("not reachable") == 1, output

@@ -158,3 +158,57 @@ def test_sigterm_finishes_the_batch_and_commits(broker, tmp_path, daemons):
     done = committed(broker.bootstrap, group_of(config), topics["logs"], 3)
     processed = [r for r in d.log_records() if r.get("msg", "").startswith("stopped after")]
     assert processed and done == int(processed[0]["msg"].split()[2]), "what was processed is what was committed"
+
+
+def test_an_oversized_message_with_a_huge_key_is_dead_lettered_cut_to_fit_and_the_stream_goes_on(
+        broker, tmp_path, daemons):
+    topics = broker.topics("huge")
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=8 * 1024 * 1024)
+    huge_key, huge_value = b"k" * 200_000, b"x" * 2_000_000
+    producer.send(topics["logs"], key=huge_key, value=huge_value, headers=[("trace-id", b"abc123")])
+    for i in range(100):
+        producer.send(topics["logs"], value=json.dumps(event(i)).encode())
+    producer.flush(30)
+    producer.close()
+
+    d = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(d)
+    d.wait_for(lambda: d.metric("inferwatch_events_total", model="fraud", outcome="processed") == 100,
+               what="the events after the oversized message")
+    [letter] = broker.consume_all(topics["dead_letters"], expect=1)
+    headers = dict(letter.headers)
+    assert headers["inferwatch.reason"] == b"message_too_large"
+    assert headers["trace-id"] == b"abc123", "the original headers travel with the dead letter"
+    assert int(headers["inferwatch.truncated_key_from_bytes"]) == len(huge_key)
+    assert int(headers["inferwatch.truncated_from_bytes"]) == len(huge_value)
+    import hashlib
+
+    assert headers["inferwatch.original_sha256"].decode() == hashlib.sha256(huge_value).hexdigest()
+    assert letter.key == huge_key[: len(letter.key)] and letter.value == huge_value[: len(letter.value)]
+    assert d.stop() == 0
+
+
+def test_kafka_secrets_never_reach_the_log_even_at_debug(broker, tmp_path, daemons, monkeypatch):
+    topics = broker.topics("secret")
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state",
+                          logging={"level": "DEBUG", "format": "json"})
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    raw["kafka"]["security"] = {"security_protocol": "PLAINTEXT", "sasl_plain_username": "bob",
+                                "sasl_plain_password": "${IW_TEST_PASSWORD}"}
+    raw["kafka"]["create_topics"] = True  # the admin client logs its whole configuration at DEBUG
+    config.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("IW_TEST_PASSWORD", "s3cr3t-Hunter2-value")
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(50)])
+    d = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(d)
+    d.wait_for(lambda: d.metric("inferwatch_events_total", model="fraud", outcome="processed") == 50,
+               what="events processed at DEBUG")
+    assert d.stop() == 0
+    log_text = d.log()
+    assert "sasl_plain_password" in log_text, "kafka-python did log its configuration"
+    assert "s3cr3t-Hunter2-value" not in log_text

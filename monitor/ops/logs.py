@@ -9,6 +9,44 @@ import time
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
+# Secret values (Kafka passwords, later tokens and webhook URLs) that must never reach a log line,
+# whoever logs them: kafka-python prints its whole configuration at DEBUG, for one.
+_SECRETS: set[str] = set()
+
+
+def redact(value: str) -> None:
+    """Register a secret: from now on every log line shows it as ***."""
+    if value and len(value) >= 4:
+        _SECRETS.add(value)
+
+
+def _scrub(text: str) -> str:
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _scrub(self.inner.format(record))
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines for a terminal; a detection's JSON follows its message so nothing is lost."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        detection = getattr(record, "detection", None)
+        return f"{line} {json.dumps(detection)}" if detection is not None else line
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -29,13 +67,23 @@ class JsonFormatter(logging.Formatter):
 
 def setup(level: str = "INFO", fmt: str = "json", stream=None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter(JsonFormatter() if fmt == "json" else TextFormatter()))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # kafka-python logs every reconnect attempt at WARNING/ERROR; the daemon reports outages itself, once.
-    logging.getLogger("kafka").setLevel(logging.CRITICAL if level != "DEBUG" else logging.DEBUG)
+    # kafka-python logs every reconnect attempt at WARNING/ERROR; the daemon reports outages itself,
+    # once. Authentication and TLS failures are let through: they are not outages but mistakes.
+    kafka = logging.getLogger("kafka")
+    kafka.setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    for old in list(kafka.filters):
+        kafka.removeFilter(old)
+    if level != "DEBUG":
+        kafka.addFilter(_only_security_failures)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _only_security_failures(record: logging.LogRecord) -> bool:
+    text = record.getMessage().lower()
+    return any(word in text for word in ("authentication", "sasl", "ssl", "certificate", "authoriz"))

@@ -17,6 +17,7 @@ from kafka.structs import OffsetAndMetadata
 
 from monitor.config import Config, seconds
 from monitor.errors import ConfigError
+from monitor.ops import logs
 from monitor.ops.metrics import Metrics
 
 log = logging.getLogger("inferwatch.kafka")
@@ -24,8 +25,34 @@ log = logging.getLogger("inferwatch.kafka")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+# What kafka.security may set: kafka-python's security options that a YAML file can express.
+SECURITY_KEYS = frozenset({
+    "security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
+    "sasl_kerberos_name", "sasl_kerberos_service_name", "sasl_kerberos_domain_name",
+    "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_crlfile", "ssl_ciphers",
+    "ssl_check_hostname",
+})
+
+
+def check_security_keys(config: Config) -> None:
+    import difflib
+
+    for key in config.kafka.security:
+        if key not in SECURITY_KEYS:
+            close = difflib.get_close_matches(key, sorted(SECURITY_KEYS), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(SECURITY_KEYS))}"
+            raise ConfigError(f"{config.source}: $.kafka.security.{key}: unknown kafka-python security option{hint}")
+
+
+def missing_environment(config: Config) -> list[tuple[str, str]]:
+    """(key, variable) for every ${VAR} in kafka.security that the environment does not set."""
+    return [(key, name) for key, value in config.kafka.security.items() if isinstance(value, str)
+            for name in _ENV_REF.findall(value) if name not in os.environ]
+
+
 def security_settings(config: Config) -> dict[str, Any]:
     """kafka.security with ${VAR} references read from the environment (values never logged)."""
+    check_security_keys(config)
     out: dict[str, Any] = {}
     for key, value in config.kafka.security.items():
         if isinstance(value, str):
@@ -34,6 +61,8 @@ def security_settings(config: Config) -> dict[str, Any]:
                 raise ConfigError(
                     f"{config.source}: $.kafka.security.{key}: environment variable {missing[0]} is not set")
             value = _ENV_REF.sub(lambda m: os.environ[m.group(1)], value)
+            if "password" in key or _ENV_REF.search(config.kafka.security[key]):
+                logs.redact(value)
         out[key] = value
     return out
 
@@ -197,25 +226,32 @@ class KafkaSource:
             log.exception("closing the consumer")
 
 
-def wait_for_broker(config: Config, stop: Any, attempt_timeout: float = 5.0) -> None:
-    """Block until the bootstrap servers answer, retrying with backoff (logged once), or until stop is set."""
-    from kafka.admin import KafkaAdminClient
+def wait_for_broker(config: Config, stop: Any, heartbeat: Any = lambda: None) -> None:
+    """Block until a bootstrap server accepts a TCP connection, retrying with backoff (the outage is
+    logged once), or until ``stop`` is set. A TCP probe, not a Kafka client: it answers within two
+    seconds either way, so a stop is never held up by a client's 30-second bootstrap timeout."""
+    import socket
 
     delay, told = 0.5, False
+    servers = config.kafka.bootstrap_servers
     while not stop.is_set():
-        try:
-            admin = KafkaAdminClient(**_common(config), request_timeout_ms=int(attempt_timeout * 1000))
-            admin.close()
-            if told:
-                log.info("broker %s reachable again", ",".join(config.kafka.bootstrap_servers))
-            return
-        except Exception as exc:
-            if not told:
-                log.warning("broker %s not reachable (%s); retrying with backoff",
-                            ",".join(config.kafka.bootstrap_servers), type(exc).__name__)
-                told = True
-            stop.wait(delay)
-            delay = min(delay * 2, 10.0)
+        heartbeat()
+        problem = ""
+        for server in servers:
+            host, _, port = server.rpartition(":")
+            try:
+                with socket.create_connection((host, int(port)), timeout=2.0):
+                    pass
+                if told:
+                    log.info("broker %s reachable again", server)
+                return
+            except OSError as exc:
+                problem = exc.strerror or type(exc).__name__
+        if not told:
+            log.warning("broker %s not reachable (%s); retrying with backoff", ",".join(servers), problem)
+            told = True
+        stop.wait(delay)
+        delay = min(delay * 2, 10.0)
 
 
 def ensure_topics(config: Config) -> None:
