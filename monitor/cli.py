@@ -59,11 +59,22 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="inferwatch",
-        description="Runtime security monitor for deployed ML models: reads inference logs from Kafka, "
-                    "detects drift, low confidence, probing and resource abuse, and publishes detections.",
+        description="Runtime security monitor for deployed ML models: reads inference logs from Kafka (or "
+                    "files), runs online detectors per model (today: drift of confidence, latency and cost "
+                    "figures) and publishes detections, with bad input sent to a dead-letter topic.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"inferwatch {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
@@ -75,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_overrides(run)
     run.add_argument("--input", metavar="FILE", nargs="+",
-                     help="read events from files (JSONL, JSONL.gz, globs, - for stdin) instead of Kafka")
+                     help="read events from files (JSONL, JSONL.gz, globs, - for stdin) instead of Kafka; "
+                          "a file run serves HTTP and keeps detector state only with --http-port / --state-dir")
     run.add_argument("--output", metavar="FILE",
                      help="with --input: write detections as JSON lines here (default: stdout)")
     run.add_argument("--dead-letters", metavar="FILE",
@@ -92,9 +104,9 @@ def parser() -> argparse.ArgumentParser:
                                       "a probing client, a latency spike, malformed messages), runs the daemon "
                                       "and prints detections as they happen.")
     demo.add_argument("--bootstrap", metavar="HOST:PORT", help="use this broker instead of starting one")
-    demo.add_argument("--duration", type=float, default=60.0, metavar="SECONDS",
+    demo.add_argument("--duration", type=_positive, default=60.0, metavar="SECONDS",
                       help="stop after this long (default 60)")
-    demo.add_argument("--rate", type=float, default=2000.0, metavar="EVENTS/S",
+    demo.add_argument("--rate", type=_positive, default=2000.0, metavar="EVENTS/S",
                       help="traffic rate (default 2000)")
     demo.add_argument("--http-port", type=int, default=9108, metavar="PORT",
                       help="metrics port (default 9108; 0 picks a free one)")
@@ -105,7 +117,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command is None:
-        parser().print_help()
+        parser().print_usage(sys.stderr)
+        print("inferwatch: error: a command is needed: run, check or demo (inferwatch --help explains them)",
+              file=sys.stderr)
         return 2
     try:
         if args.command == "check":
@@ -124,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from monitor.config import load_config
-
     from monitor.sources.kafka import missing_environment
 
     config = load_config(args.config)
@@ -148,11 +161,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InferWatchError("--output and --dead-letters go with --input (with Kafka, outputs go to topics)")
     detections_out = None
     if args.input:
+        from monitor.sources.files import expand_inputs
+
+        expand_inputs(args.input)  # before --output is opened (and emptied): a typo must not cost a file
         detections_out = _open_for_writing(args.output, "--output") if args.output else sys.stdout
     dead_letters = Path(args.dead_letters) if args.dead_letters else Path(config.state.dir) / "dead-letters.jsonl"
     if args.input:
         _open_for_writing(str(dead_letters), "--dead-letters", mode="a").close()
-    daemon = DetectDaemon(config, inputs=args.input, detections_out=detections_out, dead_letters_out=dead_letters)
+    # A file run is a batch job: it serves HTTP and keeps detector state only when asked to
+    # (--http-port, --state-dir), so it runs beside a daemon and gives the same result twice.
+    file_run = bool(args.input)
+    daemon = DetectDaemon(config, inputs=args.input, detections_out=detections_out, dead_letters_out=dead_letters,
+                          http=not file_run or args.http_port is not None,
+                          checkpoints=not file_run or args.state_dir is not None)
     daemon.install_signal_handlers()
     return daemon.run()
 

@@ -184,18 +184,48 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     try:
         config = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(str(exc))}") from None
+        message = _describe(str(exc))
+        path = message.split(":", 1)[0]
+        if any(path == f"$.{key}" or path.startswith(f"$.{key}.") for key in (overrides or {})):
+            message += " (the value comes from a command-line flag)"
+        raise ConfigError(f"{source}: {message}") from None
     config.source = source
     _check_semantics(config)
     return config
 
 
 def _describe(message: str) -> str:
-    # msgspec says "Expected `int`, got `str` - at `$.kafka.poll.max_records`"; lead with the path.
-    if " - at " in message:
-        what, where = message.rsplit(" - at ", 1)
-        return f"{_yaml_path(where)}: {what}"
-    return f"$: {message}"
+    # msgspec says "Expected `int`, got `str` - at `$.kafka.poll.max_records`"; lead with the path,
+    # and for an unknown key or a bad choice, say what is allowed there.
+    what, where = message.rsplit(" - at ", 1) if " - at " in message else (message, "`$`")
+    path = _yaml_path(where)
+    allowed = _allowed_at(path)
+    if what.startswith("Object contains unknown field") and isinstance(allowed, tuple):
+        what += f"; known keys here: {', '.join(allowed)}"
+    elif what.startswith("Invalid enum value") and isinstance(allowed, list):
+        what += f"; expected one of: {', '.join(map(str, allowed))}"
+    return f"{path}: {what}"
+
+
+def _allowed_at(path: str) -> tuple[str, ...] | list[Any] | None:
+    """The keys (a tuple) or the choices (a list) the schema allows at a YAML path, if it knows."""
+    import msgspec.inspect as schema
+
+    node: Any = schema.type_info(Config)
+    for part in re.findall(r"\.(\w+)|\[", path):
+        if isinstance(node, schema.UnionType):
+            node = next((t for t in node.types if not isinstance(t, schema.NoneType)), node)
+        if part == "":  # [index]
+            node = getattr(node, "item_type", None)
+        elif isinstance(node, schema.StructType):
+            node = next((f.type for f in node.fields if f.name == part), None)
+        else:
+            return None
+    if isinstance(node, schema.StructType):
+        return tuple(f.name for f in node.fields)
+    if isinstance(node, schema.LiteralType):
+        return list(node.values)
+    return None
 
 
 def _check_semantics(config: Config) -> None:

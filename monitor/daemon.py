@@ -53,14 +53,16 @@ def tune_garbage_collector() -> None:
 class DetectDaemon:
     def __init__(self, config: Config, *, inputs: Sequence[str] | None = None,
                  detections_out: Any = None, dead_letters_out: Path | None = None,
-                 http: bool = True, metrics: Metrics | None = None):
+                 http: bool = True, metrics: Metrics | None = None, checkpoints: bool = True):
         self.config = config
         self.metrics = metrics or Metrics()
         self.metrics.build.info({"version": __version__})
         self.inputs = list(inputs or [])
-        self.store = CheckpointStore(config.state.dir)
-        self.store.prepare()
-        restored = self.store.load("detectors") or {}
+        self.store = CheckpointStore(config.state.dir) if checkpoints else None
+        restored = {}
+        if self.store is not None:
+            self.store.prepare()
+            restored = self.store.load("detectors") or {}
         if restored:
             log.info("restored detector state of %d models from %s", len(restored), self.store.dir)
         self.pipeline = Pipeline(config, self.metrics, restored)
@@ -144,6 +146,8 @@ class DetectDaemon:
         return 0
 
     def _checkpoint(self, reason: str) -> None:
+        if self.store is None:
+            return
         try:
             took = self.store.save("detectors", self.pipeline.state())
             self.metrics.checkpoint_seconds.set(took)

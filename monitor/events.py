@@ -17,6 +17,10 @@ _MAX_FLOAT = 1.7976931348623157e308
 Finite = Annotated[float, msgspec.Meta(ge=-_MAX_FLOAT, le=_MAX_FLOAT)]
 Unit = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0.0, le=_MAX_FLOAT)]
+# Epoch seconds from 1970 to 2100: anything else is a producer bug (milliseconds, most often), and one
+# event from the far future would otherwise freeze a model's event-time figures.
+TS_MAX = 4_102_444_800.0
+EpochSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=TS_MAX)]
 
 REASONS = {
     "message_too_large": "the message is larger than limits.max_message_bytes",
@@ -45,7 +49,7 @@ def event_type(max_features: int = 4096, max_string_chars: int = 512) -> type:
     Prediction = Union[Finite, Str, Annotated[list[Union[Finite, Str]], msgspec.Meta(max_length=max_features)], None]
     fields = [
         ("event_id", Str),
-        ("ts", Union[Finite, dt.datetime]),
+        ("ts", Union[EpochSeconds, dt.datetime]),
         ("model", Str),
         ("model_version", Union[Str, None], None),
         ("client_id", Union[Str, None], None),
@@ -229,6 +233,10 @@ class EventDecoder:
             if ts.tzinfo is None:  # RFC 3339 needs an offset; a naive time is read as UTC
                 ts = ts.replace(tzinfo=dt.timezone.utc)
             event.ts = ts.timestamp()
+            if not 0.0 <= event.ts <= TS_MAX:
+                return ("invalid_timestamp", f"{ts.isoformat()} is outside 1970..2100 - at `$.ts`")
+        if not event.model.isprintable():  # model names become metric labels and log fields
+            return ("out_of_range", "the model name has non-printable characters - at `$.model`")
         return event
 
 
@@ -238,8 +246,10 @@ def classify_validation_error(message: str) -> tuple[str, str]:
     if message.startswith("Expected `object`") and " - at " not in message:
         return ("not_an_object", message)
     if "- at `$.ts`" in message:
-        if "Number out of range" in message or "<=" in message or ">=" in message:
+        if "Number out of range" in message:
             return ("non_finite_number", message)
+        if "<=" in message or ">=" in message:
+            return ("invalid_timestamp", f"{message} (epoch seconds from 1970 to 2100 expected; milliseconds?)")
         return ("invalid_timestamp", message)
     if message.startswith("Expected `array` of length <=") and message.endswith("`$.features`"):
         return ("too_many_features", message)

@@ -22,7 +22,7 @@ def test_demo_detects_the_injected_incidents_and_counts_the_malformed_messages(t
     assert re.search(r"digits\s+prediction_drift\s+confidence fell", out), out
     assert re.search(r"cancer\s+latency_anomaly\s+latency_ms rose", out), out
     # every message sent was consumed, and the malformed ones are dead letters, counted by reason
-    sent = re.search(r"events sent (\d+) \(malformed (\d+)\), processed (\d+)", out)
+    sent = re.search(r"events sent (\d+) \(malformed (\d+)\), consumed (\d+)", out)
     assert sent, out
     total, malformed, processed = map(int, sent.groups())
     assert processed == total and malformed > 0

@@ -145,7 +145,7 @@ def _summary(daemon: Any, traffic: Any, console: Console) -> str:
             kinds[key] = kinds.get(key, 0) + int(s.value)
     lines = [console._c(BOLD, "--- demo summary ---"),
              f"events sent {traffic.sent + traffic.malformed} (malformed {traffic.malformed}), "
-             f"processed {daemon.processed}",
+             f"consumed {daemon.processed}",
              "dead letters: " + (", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) or "none"),
              "detections: " + (", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none")]
     logging.getLogger("inferwatch.demo").debug("summary printed")

@@ -96,7 +96,7 @@ class ScalarDrift(Detector):
     name: ClassVar[str] = "drift"
 
     class Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-        streams: list[Stream] = msgspec.field(default_factory=lambda: ["confidence"])
+        streams: list[Stream] = msgspec.field(default_factory=lambda: ["confidence", "latency_ms"])
         method: Literal["adwin", "page_hinkley"] = "adwin"
         delta: float = 0.002  # ADWIN confidence; Page-Hinkley tolerance
         threshold: float = 50.0  # Page-Hinkley lambda

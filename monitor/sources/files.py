@@ -1,7 +1,7 @@
 """JSONL, JSONL.gz and standard input as a source: one message per line, fed to the same pipeline.
 
-Each line becomes a record whose topic is the file name and whose offset is the line number (from 0),
-so a dead letter from a file says exactly which line was bad.
+Each line becomes a record whose topic is the file name and whose offset is the line number,
+so a dead letter from a file says exactly which line was bad (lines count from 1).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
         if not matches:
             raise InferWatchError(f"--input {pattern}: no file matches")
         for path in matches:
+            if Path(path).is_dir():
+                raise InferWatchError(f"--input {path}: is a directory (give files or a glob such as {path}/*.jsonl)")
             if not Path(path).is_file():
                 raise InferWatchError(f"--input {path}: no such file")
             paths.append(path)
@@ -65,7 +67,7 @@ class FileSource:
             name = "stdin" if path == "-" else path
             handle = _open(path)
             try:
-                for number, line in enumerate(self._lines(handle)):
+                for number, line in enumerate(self._lines(handle), 1):
                     self.read_bytes += len(line)
                     value = line.rstrip(b"\r\n")
                     if not value.strip():
