@@ -92,20 +92,17 @@ def make_producer(config: Config, **overrides: Any) -> KafkaProducer:
     return KafkaProducer(**settings)
 
 
-class _CommitOnRevoke(ConsumerRebalanceListener):
-    """Before partitions move to another replica, commit what this one finished in them, so the new
-    owner starts exactly there (asynchronous commits may still be under way at that moment)."""
+class _RebalanceLog(ConsumerRebalanceListener):
+    """Says which partitions come and go, and forgets the offsets of those that went.
+
+    Nothing needs committing here: every batch is finished (outputs acknowledged, commit sent) before
+    the next poll, and only a poll can rebalance. (kafka-python 3 runs this on its IO thread, where a
+    blocking commit is refused anyway.)"""
 
     def __init__(self, source: "KafkaSource"):
         self.source = source
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        offsets = {tp: om for tp, om in self.source._processed.items() if tp in set(revoked)}
-        if offsets:
-            try:
-                self.source.consumer.commit(offsets)
-            except Exception as exc:  # the group may already have moved on: then they are redelivered
-                log.warning("commit on revoke failed (%s); those events will be redelivered", type(exc).__name__)
         for tp in revoked:
             self.source._processed.pop(tp, None)
         log.info("partitions revoked: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in revoked) or "none")
@@ -136,7 +133,7 @@ class KafkaSource:
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=1024 * 1024,
         )
-        self.consumer.subscribe(self.topics, listener=_CommitOnRevoke(self))
+        self.consumer.subscribe(self.topics, listener=_RebalanceLog(self))
         self._lag_labels: set[tuple[str, str]] = set()
         self._warned_internals = False
         self._processed: dict[TopicPartition, OffsetAndMetadata] = {}  # next offset to read, per partition
