@@ -237,6 +237,7 @@ class DetectDaemon:
             try:
                 records = self.source.poll()
             except KafkaError as exc:
+                self.metrics.broker_up.set(0)
                 self._set_ready(f"poll failed: {type(exc).__name__}")
                 self.stopping.wait(1.0)
                 continue

@@ -87,7 +87,19 @@ def test_events_dead_letters_detections_and_commits(broker, tmp_path, daemons):
                     kind="prediction_drift", severity=first["severity"]) >= 1
     # and each detection is logged as one JSON line
     assert any(r.get("logger") == "inferwatch.detections" for r in d.log_records())
+    check_with_promtool(d.get("/metrics")[1])
     assert d.stop() == 0
+
+
+def check_with_promtool(exposition: bytes) -> None:
+    """The live exposition passes `promtool check metrics` (skipped where promtool is not installed)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("promtool") is None:
+        return  # tests/test_metrics_exposition.py says so with a skip; .ci/run installs it
+    result = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
 def group_of(config_path) -> str:
@@ -123,27 +135,32 @@ def test_restart_resumes_from_committed_offsets(broker, tmp_path, daemons):
 def test_broker_outage_mid_stream_is_survived(own_broker, tmp_path, daemons):
     broker = own_broker
     topics = broker.topics("outage")
-    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
-    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(2000)])
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state",
+                          kafka={"poll": {"max_records": 500, "timeout_ms": 200}})
+    total = 60_000
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(total)])
     d = Daemon(config, tmp_path / "daemon.log")
     daemons.append(d)
-    d.wait_for(lambda: d.metric("inferwatch_events_total", model="fraud", outcome="processed") == 2000,
-               what="events before the outage")
+    d.wait_for(lambda: d.metric("inferwatch_events_total", model="fraud", outcome="processed") > 0,
+               what="the backlog to start")
 
-    broker.down()
-    d.wait_for(lambda: not d.ready(), timeout=60, what="/readyz to turn false while the broker is away")
+    broker.down()  # mid-stream: the backlog is being consumed
+    assert d.metric("inferwatch_events_total", model="fraud", outcome="processed") < total, \
+        "the outage must come while events are still unread"
+    d.wait_for(lambda: not d.ready() and d.metric("inferwatch_broker_up") == 0, timeout=60,
+               what="/readyz and inferwatch_broker_up to say the broker is away")
     assert d.get("/healthz")[0] == 200, "the process itself stays healthy"
 
     broker.up()
-    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(2000, 3000)])
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(total, total + 1000)])
     d.wait_for(d.ready, timeout=60, what="/readyz after the broker came back")
-    d.wait_for(lambda: d.metric("inferwatch_events_total", model="fraud", outcome="processed") >= 3000,
-               timeout=60, what="events after the outage")
-    d.wait_for(lambda: committed(broker.bootstrap, group_of(config), topics["logs"], 3) == 3000,
-               what="all offsets committed after the outage")
+    d.wait_for(lambda: committed(broker.bootstrap, group_of(config), topics["logs"], 3) == total + 1000,
+               timeout=120, what="every offset committed after the outage")
+    # nothing lost: every event processed at least once (a batch caught by the outage may be redone)
+    assert d.metric("inferwatch_events_total", model="fraud", outcome="processed") >= total + 1000
     assert d.stop() == 0
-    outage_lines = [r for r in d.log_records() if "broker unreachable" in r.get("msg", "")]
-    assert len(outage_lines) <= 2, "the outage is logged once, not per retry"
+    outage_lines = [r for r in d.log_records() if r.get("level") == "warning"]
+    assert 1 <= len(outage_lines) <= 4, "the outage is logged once per kind, not per retry"
 
 
 def test_sigterm_finishes_the_batch_and_commits(broker, tmp_path, daemons):

@@ -75,15 +75,15 @@ def setup(level: str = "INFO", fmt: str = "json", stream=None) -> None:
     root.setLevel(level)
     # kafka-python logs every reconnect attempt at WARNING/ERROR; the daemon reports outages itself,
     # once. Authentication and TLS failures are let through: they are not outages but mistakes.
-    kafka = logging.getLogger("kafka")
-    kafka.setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
-    for old in list(kafka.filters):
-        kafka.removeFilter(old)
+    # (A filter on the "kafka" logger would not see its children's records: it sits on the handler.)
+    logging.getLogger("kafka").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     if level != "DEBUG":
-        kafka.addFilter(_only_security_failures)
+        handler.addFilter(_quiet_kafka)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
-def _only_security_failures(record: logging.LogRecord) -> bool:
+def _quiet_kafka(record: logging.LogRecord) -> bool:
+    if not record.name.startswith("kafka"):
+        return True
     text = record.getMessage().lower()
     return any(word in text for word in ("authentication", "sasl", "ssl", "certificate", "authoriz"))
