@@ -1,0 +1,296 @@
+"""Surges of low-confidence predictions, per model and per client, at a set false-alarm rate.
+
+Status: groundwork of issue 3, tested but not yet in the detector registry (see the note there).
+
+Each prediction is marked low-confidence when its score crosses a bound learnt from the model's
+reference (its first ``reference_size`` events): the top probability below its ``quantile`` (default),
+the margin between the two top probabilities below its ``quantile``, or the entropy of the probabilities
+above its ``1 - quantile``. The reference also gives the in-control rate ``p0`` of low-confidence marks.
+A Bernoulli CUSUM (Reynolds & Stoumbos 1999) watches the marks for a rise to ``p1 = shift * p0``, with
+the threshold calibrated to ``ert`` events between false alarms by the Markov chain of Brook & Evans
+(1972) (see ``monitor.detectors.cusum``). One CUSUM runs on the model's whole stream (vectorised per
+batch), and one per client (``client_ert``, larger by default, since many clients are watched at once).
+
+The per-client figures (marks, events, CUSUM statistic) are kept for the probing detector
+(``client_figures``); at most ``max_clients`` clients are tracked, the idle ones forgotten first, and a
+client whose statistic is above half its threshold is never evicted by a flood of new ids.
+
+>>> import random
+>>> from types import SimpleNamespace as E
+>>> random.seed(3)
+>>> d = LowConfidence("digits", LowConfidence.Params(ert=100_000, reference_size=1000))
+>>> calm = [E(ts=float(i), confidence=random.betavariate(12, 1), probabilities=None, client_id="c1",
+...           event_id=str(i), model_version=None) for i in range(3000)]
+>>> d.update(ModelBatch("digits", calm, [E(topic="t", partition=0, offset=i) for i in range(3000)]))
+[]
+>>> unsure = [E(ts=3000.0 + i, confidence=random.uniform(0.3, 0.7), probabilities=None, client_id="c1",
+...             event_id=str(i), model_version=None) for i in range(300)]
+>>> found = d.update(ModelBatch("digits", unsure, [E(topic="t", partition=0, offset=i) for i in range(300)]))
+>>> [f.kind for f in found][:1], found[0].client_id
+(['low_confidence_spike'], None)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import msgspec
+import numpy as np
+
+from monitor.detections import Detection, make_detection
+from monitor.detectors import Detector, ModelBatch
+from monitor.detectors import cusum
+
+
+class ClientState:
+    __slots__ = ("statistic", "events", "marks", "last_ts", "quiet_until")
+
+    def __init__(self) -> None:
+        self.statistic = 0.0
+        self.events = 0
+        self.marks = 0
+        self.last_ts = -math.inf
+        self.quiet_until = 0
+
+    def __getstate__(self) -> tuple:
+        return (self.statistic, self.events, self.marks, self.last_ts, self.quiet_until)
+
+    def __setstate__(self, state: tuple) -> None:
+        self.statistic, self.events, self.marks, self.last_ts, self.quiet_until = state
+
+
+class LowConfidence(Detector):
+    """Bernoulli CUSUM on low-confidence marks, per model and per client, calibrated to an ERT."""
+
+    name: ClassVar[str] = "confidence"
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        ert: float = 10_000  # expected events between false alarms on the model's stream
+        client_ert: float = 100_000  # the same for each client's stream
+        indicator: Literal["max_probability", "margin", "entropy"] = "max_probability"
+        quantile: float = 0.05  # the reference quantile that sets the bound (so p0 is about this)
+        bound: float | None = None  # a fixed bound instead of the reference quantile
+        shift: float = 3.0  # the CUSUM is tuned to detect a rise of the rate to shift * p0
+        reference_size: int = 2000
+        min_client_events: int = 30  # a client's alarm needs at least this many of its events
+        max_clients: int = 10_000
+        client_idle: float = 3600.0  # seconds of event time after which an idle client is forgotten
+        cooldown: int = 1000  # events of quiet on a stream after its alarm
+
+        def check(self) -> tuple[str, str] | None:
+            if self.ert < 10 or self.client_ert < 10:
+                return "ert", "expected at least 10 events between false alarms"
+            if not 0 < self.quantile < 0.5:
+                return "quantile", f"expected 0 < quantile < 0.5, got {self.quantile}"
+            if self.shift <= 1:
+                return "shift", f"expected a rise factor above 1, got {self.shift}"
+            if self.reference_size < 100:
+                return "reference_size", f"expected at least 100 events, got {self.reference_size}"
+            if self.max_clients < 1 or self.min_client_events < 1:
+                return "max_clients", "expected max_clients >= 1 and min_client_events >= 1"
+            return None
+
+    def __init__(self, model: str, params: Params):
+        super().__init__(model, params)
+        self.reference: list[float] = []
+        self.bound: float | None = params.bound
+        self.p0: float | None = None
+        self.h: float | None = None
+        self.client_h: float | None = None
+        self.statistic = 0.0
+        self.seen = 0
+        self.quiet_until = 0
+        self.alarms = 0
+        self.marks_recent = np.zeros(0)
+        self.clients: dict[str, ClientState] = {}
+
+    # -- the mark ------------------------------------------------------------------------------
+
+    def _scores(self, batch: ModelBatch) -> np.ndarray:
+        """Higher is more confident, whatever the indicator (entropy is negated)."""
+        kind = self.params.indicator
+        if kind == "max_probability":
+            return batch.confidence
+        probs, mask = batch.probabilities
+        out = np.full(len(batch), np.nan)
+        if probs.shape[1] >= 2 and mask.any():
+            p = probs[mask]
+            if kind == "margin":
+                top2 = np.sort(p, axis=1)[:, -2:]
+                out[mask] = top2[:, 1] - top2[:, 0]
+            else:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    out[mask] = np.nansum(p * np.log(np.where(p > 0, p, 1.0)), axis=1)  # -entropy
+        return out
+
+    def _learn(self, scores: np.ndarray) -> None:
+        need = self.params.reference_size - len(self.reference)
+        self.reference.extend(scores[:need].tolist())
+        if len(self.reference) < self.params.reference_size:
+            return
+        ref = np.asarray(self.reference)
+        if self.bound is None:
+            self.bound = float(np.quantile(ref, self.params.quantile))
+        # p0 from the reference itself (ties at the bound make it differ from the quantile)
+        p0 = float(np.mean(ref < self.bound))
+        self.p0 = min(max(p0, 1e-4), 0.5)
+        p1 = min(self.params.shift * self.p0, 0.99)
+        self.h = cusum.threshold_for_ert(self.p0, p1, float(self.params.ert))
+        self.client_h = cusum.threshold_for_ert(self.p0, p1, float(self.params.client_ert))
+        self.reference = []  # the bound, p0 and thresholds are all that is kept
+
+    # -- the batch -----------------------------------------------------------------------------
+
+    def update(self, batch: ModelBatch) -> list[Detection]:
+        scores = self._scores(batch)
+        present = np.flatnonzero(~np.isnan(scores))
+        if present.size == 0:
+            return []
+        scores = scores[present]
+        if self.h is None:
+            before = len(self.reference)
+            self._learn(scores)
+            used = (len(scores) if self.h is None else self.params.reference_size - before)
+            self.seen += used
+            if self.h is None:
+                return []
+            present, scores = present[used:], scores[used:]
+            if present.size == 0:
+                return []
+        marks = (scores < self.bound).astype(np.int8)
+        found = self._model_stream(batch, present, marks)
+        found.extend(self._client_streams(batch, present, marks))
+        self.seen += len(marks)
+        return found
+
+    def _model_stream(self, batch: ModelBatch, present: np.ndarray, marks: np.ndarray) -> list[Detection]:
+        p1 = min(self.params.shift * self.p0, 0.99)
+        alarms, self.statistic = cusum.run(marks, self.p0, p1, self.h, self.statistic)
+        found = []
+        for i in alarms.tolist():
+            if self.seen + i < self.quiet_until:
+                continue
+            self.quiet_until = self.seen + i + self.params.cooldown
+            self.alarms += 1
+            window = marks[max(0, i - 199): i + 1]
+            found.append(self._detection(batch, int(present[i]), None, float(window.mean()), len(window),
+                                         self.h, self.params.ert))
+        return found
+
+    def _client_streams(self, batch: ModelBatch, present: np.ndarray, marks: np.ndarray) -> list[Detection]:
+        """Every client's CUSUM over its events of the batch at once: the events are grouped by client
+        (a stable sort of client codes), and within each client's run the recursion is solved by a
+        running sum and a running minimum that restarts at the client's first event (see cusum.run).
+        Only a client whose statistic crosses its threshold is replayed event by event."""
+        p1 = min(self.params.shift * self.p0, 0.99)
+        a, b, step = cusum._grid(self.p0, p1)
+        up, down, h = a * step, -b * step, self.client_h
+        events = batch.events
+        ids = [events[j].client_id for j in present.tolist()]
+        codes_of: dict[str | None, int] = {}
+        codes = np.fromiter((codes_of.setdefault(c, len(codes_of)) for c in ids), dtype=np.int64, count=len(ids))
+        names = list(codes_of)
+        order = np.argsort(codes, kind="stable")
+        sorted_codes = codes[order]
+        starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        w = np.where(marks[order] > 0, up, down)
+        clients = self.clients
+        states = [None if names[code] is None else clients.get(names[code]) or clients.setdefault(names[code], ClientState())
+                  for code in sorted_codes[starts].tolist()]
+        s0 = np.fromiter((st.statistic if st is not None else 0.0 for st in states), dtype=np.float64,
+                         count=len(states))
+        # C: the running sum from each client's statistic, restarted at each client's first event
+        run_length = ends - starts
+        csum = np.cumsum(w)
+        before = np.repeat(csum[starts] - w[starts], run_length)
+        c = csum - before + np.repeat(s0, run_length)
+        # a running minimum restarting per client: each client is shifted below all earlier ones by more
+        # than the range of C (a small multiple, so float64 keeps its precision)
+        spread = float(c.max() - c.min()) + 1.0 if len(c) else 1.0
+        shift = np.repeat(np.arange(len(starts), dtype=np.float64) * -spread, run_length)
+        running_min = np.minimum.accumulate(c + shift) - shift
+        s = c - np.minimum(running_min, 0.0)
+        crossed = np.maximum.reduceat(s, starts) > h
+        marks_sorted = marks[order]
+        n_marks = np.add.reduceat(marks_sorted, starts)
+        found = []
+        ts = batch.ts
+        for k, st in enumerate(states):
+            if st is None:
+                continue
+            lo, hi = int(starts[k]), int(ends[k])
+            last = int(present[order[hi - 1]])
+            st.last_ts = float(ts[last])
+            if not crossed[k]:
+                st.events += hi - lo
+                st.marks += int(n_marks[k])
+                st.statistic = float(s[hi - 1])
+                continue
+            for pos in range(lo, hi):  # the rare client that alarms: its events one by one
+                mark = int(marks_sorted[pos])
+                st.events += 1
+                st.marks += mark
+                value = st.statistic + (up if mark else down)
+                st.statistic = value if value > 0.0 else 0.0
+                if st.statistic > h:
+                    st.statistic = 0.0
+                    if st.events >= self.params.min_client_events and st.events >= st.quiet_until:
+                        st.quiet_until = st.events + self.params.cooldown
+                        found.append(self._detection(batch, int(present[order[pos]]), names[sorted_codes[lo]],
+                                                     st.marks / st.events, st.events, h, self.params.client_ert))
+        if len(clients) > self.params.max_clients:
+            self._evict(float(batch.ts[-1]))
+        found.sort(key=lambda d: d.ts)
+        return found
+
+    def _evict(self, now: float) -> None:
+        """Forget idle clients, then the least recently seen; never one whose CUSUM is half-way up."""
+        keep_above = self.client_h / 2
+        idle = [c for c, st in self.clients.items()
+                if now - st.last_ts > self.params.client_idle and st.statistic <= keep_above]
+        for c in idle:
+            del self.clients[c]
+        excess = len(self.clients) - self.params.max_clients
+        if excess > 0:
+            candidates = sorted((st.last_ts, c) for c, st in self.clients.items() if st.statistic <= keep_above)
+            for _, c in candidates[: excess + self.params.max_clients // 10]:
+                del self.clients[c]
+
+    def _detection(self, batch: ModelBatch, index: int, client: str | None, rate: float, events: int,
+                   h: float, ert: float) -> Detection:
+        event = batch.events[index]
+        topic, partition, offset = batch.source(index)
+        ratio = rate / self.p0 if self.p0 else math.inf
+        severity = "critical" if ratio >= 2 * self.params.shift else "warning"
+        who = f"client {client}" if client else "the model"
+        return make_detection(
+            detector=self.name, kind="low_confidence_spike", model=self.model, window_start=float(event.ts),
+            ts=float(event.ts), client_id=client, model_version=event.model_version, severity=severity,
+            score=round(ratio, 3), threshold=self.params.shift,
+            summary=(f"low-confidence predictions of {who} at {rate:.1%} of the last {events} events, "
+                     f"{ratio:.1f}x the reference {self.p0:.1%} (Bernoulli CUSUM, ERT {ert:,.0f})"),
+            evidence={"indicator": self.params.indicator, "bound": self.bound, "reference_rate": self.p0,
+                      "observed_rate": rate, "events": events, "cusum_threshold": h, "ert": ert,
+                      "event_ids": [e.event_id for e in batch.events[max(0, index - 9): index + 1]]},
+            source={"topic": topic, "partition": partition, "offset": offset},
+        )
+
+    # -- for people and for the probing detector ------------------------------------------------
+
+    def client_figures(self) -> dict[str, tuple[int, int, float]]:
+        """client -> (events, low-confidence marks, CUSUM statistic)."""
+        return {c: (st.events, st.marks, st.statistic) for c, st in self.clients.items()}
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        top = sorted(self.clients.items(), key=lambda kv: -kv[1].statistic)[:10]
+        out.update({
+            "state": "learning reference" if self.h is None else "armed",
+            "bound": self.bound, "reference_rate": self.p0, "threshold": self.h, "client_threshold": self.client_h,
+            "statistic": self.statistic, "alarms": self.alarms, "clients_tracked": len(self.clients),
+            "top_clients": [{"client_id": c, "events": st.events, "marks": st.marks, "statistic": st.statistic}
+                            for c, st in top],
+        })
+        return out
