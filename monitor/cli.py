@@ -82,8 +82,7 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon (detect stage) on Kafka or on files",
                          description="Consume inference logs in a consumer group, run the detectors, publish "
                                      "detections and dead letters, commit offsets once they are durable. "
-                                     "With --input, read JSONL/JSONL.gz files (or - for stdin) instead.",
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     "With --input, read JSONL/JSONL.gz files (or - for stdin) instead.")
     _add_overrides(run)
     run.add_argument("--input", metavar="FILE", nargs="+",
                      help="read events from files (JSONL, JSONL.gz, globs, - for stdin) instead of Kafka; "

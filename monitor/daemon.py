@@ -169,7 +169,7 @@ class DetectDaemon:
         for records in self.source.batches():
             self._last_loop = time.monotonic()
             with self.metrics.batch_seconds.time():
-                result = self.pipeline.process_safely(records)
+                result = self.pipeline.process(records)
                 self.outputs.publish(result)
             self.metrics.batch_events.observe(len(records))
             self.processed += len(records)
@@ -254,10 +254,13 @@ class DetectDaemon:
             if self.first_batch_at is None:
                 self.first_batch_at = now
             with self.metrics.batch_seconds.time():
-                result = self.pipeline.process_safely(records)
+                result = self.pipeline.process(records)
                 delivered = self._deliver(result, records)
             self.metrics.batch_events.observe(len(records))
             if not delivered:
+                # The detectors have seen a batch that will be redelivered: keep the previous
+                # checkpoint rather than one that would feed them the batch twice after a restart.
+                self.store = None
                 break
             self.processed += len(records)
             self.last_batch_at = time.monotonic()

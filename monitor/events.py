@@ -158,6 +158,7 @@ class DeadLetter(NamedTuple):
             "timestamp_ms": self.timestamp_ms,
             "key_b64": base64.b64encode(self.key).decode() if self.key is not None else None,
             "value_b64": base64.b64encode(self.value).decode() if self.value is not None else None,
+            "headers": [[k, None if v is None else base64.b64encode(v).decode()] for k, v in self.headers or []],
         }
 
 

@@ -98,36 +98,44 @@ class Pipeline:
 
     # -- the batch -----------------------------------------------------------------------------
 
-    def process_safely(self, records: list[RawRecord]) -> BatchResult:
-        """``process``, and if it fails (a bug, since bad input is handled), the batch again one
-        message at a time so that the message that triggers the bug becomes a dead letter
-        (``processing_failed``) instead of stopping the stream on every restart."""
+    def process(self, records: Iterable[RawRecord]) -> BatchResult:
+        """Decode and validate the batch (no side effects), then run it through the detectors.
+
+        Should decoding fail on a message (a bug: bad input is handled), the batch is decoded again
+        message by message and the message that triggers the bug becomes a ``processing_failed`` dead
+        letter; should a model's detection step fail outside its detectors, that model's events of the
+        batch become ``processing_failed`` dead letters. Nothing is processed twice, and one message
+        cannot stop the stream on every restart."""
+        records = records if isinstance(records, list) else list(records)
         try:
-            return self.process(records)
+            grouped, dead = self._decode(records)
         except Exception:
-            log.exception("a batch of %d messages failed; isolating the message that causes it", len(records))
-        result = BatchResult()
+            log.exception("decoding a batch of %d messages failed; isolating the message", len(records))
+            grouped, dead = self._decode_one_by_one(records)
+        return self._detect(grouped, dead)
+
+    def _decode_one_by_one(self, records: list[RawRecord]) -> tuple[dict, list[DeadLetter]]:
+        grouped: dict[str, tuple[list[Any], list[RawRecord]]] = {}
+        dead: list[DeadLetter] = []
         for r in records:
             try:
-                part = self.process([r])
+                one, letters = self._decode([r])
             except Exception as exc:
-                log.exception("message at %s[%d]@%d failed processing; dead-lettered", r.topic, r.partition, r.offset)
-                result.dead_letters.append(DeadLetter.of(r, "processing_failed", f"{type(exc).__name__}: {exc}"[:500]))
-                self.metrics.dead_letters.labels("processing_failed").inc()
-                self.metrics.events.labels(NO_MODEL, "dead_letter").inc()
+                log.exception("message at %s[%d]@%d failed decoding; dead-lettered", r.topic, r.partition, r.offset)
+                dead.append(DeadLetter.of(r, "processing_failed", f"{type(exc).__name__}: {exc}"[:500]))
                 continue
-            result.detections.extend(part.detections)
-            result.dead_letters.extend(part.dead_letters)
-            result.processed += part.processed
-        return result
+            dead.extend(letters)
+            for model, (events, recs) in one.items():
+                bucket = grouped.setdefault(model, ([], []))
+                bucket[0].extend(events)
+                bucket[1].extend(recs)
+        return grouped, dead
 
-    def process(self, records: Iterable[RawRecord]) -> BatchResult:
-        result = BatchResult()
+    def _decode(self, records: list[RawRecord]) -> tuple[dict[str, tuple[list[Any], list[RawRecord]]], list[DeadLetter]]:
+        """Events grouped by model, and dead letters. Pure: no metrics, no detector state."""
         decode = self.decoder.decode_unchecked_features
         grouped: dict[str, tuple[list[Any], list[RawRecord]]] = {}
-        dead = result.dead_letters
-        if not isinstance(records, list):
-            records = list(records)
+        dead: list[DeadLetter] = []
         bad_utf8 = invalid_utf8([r.value for r in records])
         if bad_utf8:
             for i in sorted(bad_utf8):
@@ -145,58 +153,71 @@ class Pipeline:
                 bucket = grouped[event.model] = ([], [])
             bucket[0].append(event)
             bucket[1].append(r)
-
         for model, (events, recs) in grouped.items():
             problems = self.decoder.feature_problems(events)
             if problems:
                 for i, (reason, error) in problems.items():
-                    r = recs[i]
-                    dead.append(DeadLetter.of(r, reason, error))
+                    dead.append(DeadLetter.of(recs[i], reason, error))
                 keep = [i for i in range(len(events)) if i not in problems]
                 grouped[model] = ([events[i] for i in keep], [recs[i] for i in keep])
+        return grouped, dead
 
+    def _detect(self, grouped: dict[str, tuple[list[Any], list[RawRecord]]], dead: list[DeadLetter]) -> BatchResult:
+        result = BatchResult(dead_letters=dead)
+        m = self.metrics
+        for model, (events, records) in grouped.items():
+            if not events:
+                continue
+            try:
+                self._detect_model(model, events, records, result)
+            except Exception as exc:
+                log.exception("the detection step failed on %d events of model %s; dead-lettered", len(events), model)
+                m.detector_errors.labels("pipeline").inc()
+                dead.extend(DeadLetter.of(r, "processing_failed", f"{type(exc).__name__}: {exc}"[:500])
+                            for r in records)
         if len(dead) > 1:
             dead.sort(key=lambda d: (d.topic, d.partition, d.offset))  # input order, whatever found them
-        m = self.metrics
         for letter in dead:
             m.dead_letters.labels(letter.reason).inc()
         if dead:
             m.events.labels(NO_MODEL, "dead_letter").inc(len(dead))
-
-        for model, (events, sources) in grouped.items():
-            if not events:
-                continue
-            route = self.routes.get(model, False)
-            if route is False:
-                route = self._route(model)
-            if route is None:
-                m.events.labels(OTHER_MODEL, "ignored").inc(len(events))
-                continue
-            if route.label == OTHER_MODEL:
-                m.events.labels(OTHER_MODEL, "untracked").inc(len(events))
-                continue
-            route.events += len(events)
-            batch = in_event_time_order(ModelBatch(model, events, sources))
-            batch_ts = float(batch.ts[-1])
-            if batch_ts > route.last_ts:
-                route.last_ts = batch_ts
-                m.last_event_ts.labels(route.label).set(batch_ts)
-            for detector in route.detectors:
-                try:
-                    found = detector.update(batch)
-                except Exception:
-                    # A detector bug must not stop the stream or lose the batch's other results.
-                    log.exception("detector %s failed on a batch of %d events of model %s",
-                                  detector.name, len(events), model)
-                    m.detector_errors.labels(detector.name).inc()
-                    continue
-                for d in found:
-                    m.detections.labels(route.label, d.detector, d.kind, d.severity).inc()
-                result.detections.extend(found)
-            m.events.labels(route.label, "processed").inc(len(events))
-            result.processed += len(events)
         result.detections.sort(key=lambda d: d.ts)
         return result
+
+    def _detect_model(self, model: str, events: list[Any], records: list[RawRecord], result: BatchResult) -> None:
+        m = self.metrics
+        route = self.routes.get(model, False)
+        if route is False:
+            route = self._route(model)
+        if route is None:
+            m.events.labels(OTHER_MODEL, "ignored").inc(len(events))
+            return
+        if route.label == OTHER_MODEL:
+            m.events.labels(OTHER_MODEL, "untracked").inc(len(events))
+            return
+        batch = in_event_time_order(ModelBatch(model, events, records))
+        found_all = []
+        for detector in route.detectors:
+            try:
+                found = detector.update(batch)
+            except Exception:
+                # A detector bug must not stop the stream or lose the batch's other results.
+                log.exception("detector %s failed on a batch of %d events of model %s",
+                              detector.name, len(events), model)
+                m.detector_errors.labels(detector.name).inc()
+                continue
+            found_all.extend(found)
+        # metrics last: a failure above leaves them untouched (the events become dead letters instead)
+        route.events += len(events)
+        batch_ts = float(batch.ts[-1])
+        if batch_ts > route.last_ts:
+            route.last_ts = batch_ts
+            m.last_event_ts.labels(route.label).set(batch_ts)
+        for d in found_all:
+            m.detections.labels(route.label, d.detector, d.kind, d.severity).inc()
+        result.detections.extend(found_all)
+        m.events.labels(route.label, "processed").inc(len(events))
+        result.processed += len(events)
 
     # -- state ---------------------------------------------------------------------------------
 

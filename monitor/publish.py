@@ -99,7 +99,7 @@ class KafkaOutputs:
         for kind, item, record in outputs:
             try:
                 sent.append((self.producer.send(**record), kind, item))
-            except KafkaError as exc:
+            except (KafkaError, ValueError, TypeError) as exc:
                 if _retriable(exc):
                     raise PublishError(f"producing the batch's outputs failed: {_describe(exc)}") from exc
                 self._keep(kind, item, exc)  # refused before sending (too large, invalid): keep it locally
@@ -124,9 +124,13 @@ class KafkaOutputs:
             key, cut_key = key[:_MAX_KEY_BYTES], len(key)
         if value is not None and len(value) > self.max_value_bytes:
             value, cut_value = value[: self.max_value_bytes], len(value)
-        headers = list(letter.headers or [])[:_MAX_ORIGINAL_HEADERS]
-        headers = [(k, v) for k, v in headers if len(k) + len(v or b"") <= _MAX_HEADER_BYTES]
+        # Kafka allows null header values and null key-and-value records; the producer allows neither.
+        headers = [(k, b"" if v is None else v) for k, v in list(letter.headers or [])[:_MAX_ORIGINAL_HEADERS]
+                   if isinstance(k, str) and len(k) + len(v or b"") <= _MAX_HEADER_BYTES]
         headers += dead_letter_headers(letter, cut_value)
+        if key is None and value is None:
+            value = b""
+            headers.append(("inferwatch.original_value_null", b"1"))
         if cut_key is not None:
             headers.append(("inferwatch.truncated_key_from_bytes", str(cut_key).encode()))
         return {"topic": self.dead_letter_topic, "key": key, "value": value, "headers": headers}
@@ -134,7 +138,10 @@ class KafkaOutputs:
     def _keep(self, kind: str, item: Any, exc: BaseException) -> None:
         log.error("broker refused a %s for good (%s); kept in %s", kind, _describe(exc), self.spool.path)
         payload = item.envelope() if kind == "dead_letter" else json.loads(encode(item))
-        self.spool.write(kind, payload, _describe(exc))
+        try:
+            self.spool.write(kind, payload, _describe(exc))
+        except OSError as spool_error:  # disk full, not writable: hold the batch rather than lose it
+            raise PublishError(f"cannot keep a refused {kind} in {self.spool.path}: {spool_error.strerror}") from None
 
     def close(self) -> None:
         try:

@@ -229,3 +229,27 @@ def test_kafka_secrets_never_reach_the_log_even_at_debug(broker, tmp_path, daemo
     log_text = d.log()
     assert "sasl_plain_password" in log_text, "kafka-python did log its configuration"
     assert "s3cr3t-Hunter2-value" not in log_text
+
+
+def test_a_dead_letter_with_no_key_no_value_and_null_headers_is_published(broker, tmp_path):
+    """Kafka lets a record have neither key nor value and headers with null values (Java and
+    librdkafka producers send them); kafka-python's producer accepts neither, so the dead letter is
+    adapted, and a refused one goes to the spool: it never stops the stream."""
+    from monitor.events import DeadLetter
+    from monitor.pipeline import BatchResult
+    from monitor.publish import KafkaOutputs, Spool
+    from kafka import KafkaProducer
+
+    topics = broker.topics("nulls")
+    outputs = KafkaOutputs(KafkaProducer(bootstrap_servers=broker.bootstrap), topics["detections"],
+                           topics["dead_letters"], Spool(tmp_path / "undeliverable.jsonl"))
+    letter = DeadLetter("empty_message", "the message value is empty", None, None, topics["logs"], 2, 41, None,
+                        [("traceparent", None), ("tenant", b"acme")])
+    outputs.publish(BatchResult(dead_letters=[letter]))
+    outputs.close()
+    [record] = broker.consume_all(topics["dead_letters"], expect=1)
+    headers = dict(record.headers)
+    assert record.value == b"" and headers["inferwatch.original_value_null"] == b"1"
+    assert headers["traceparent"] == b"" and headers["tenant"] == b"acme"
+    assert headers["inferwatch.source.offset"] == b"41"
+    assert not (tmp_path / "undeliverable.jsonl").exists()

@@ -250,10 +250,35 @@ def test_a_message_that_triggers_a_bug_is_isolated_as_a_dead_letter_and_the_rest
     monkeypatch.setattr(p.decoder, "decode_unchecked_features", decode_with_a_bug)
     batch = [event(i) for i in range(50)]
     batch[20]["event_id"] = "e-poison"
-    result = p.process_safely(records(batch))
+    result = p.process(records(batch))
 
     assert [(d.reason, d.offset) for d in result.dead_letters] == [("processing_failed", 20)]
     assert "KeyError" in result.dead_letters[0].error
     assert result.processed == 49
     assert metrics.registry.get_sample_value("inferwatch_dead_letters_total", {"reason": "processing_failed"}) == 1
     assert metrics.registry.get_sample_value("inferwatch_events_total", {"model": "fraud", "outcome": "processed"}) == 49
+
+
+def test_a_detection_step_that_fails_turns_that_models_events_into_dead_letters_once(monkeypatch):
+    metrics = Metrics()
+    p = pipeline(metrics)
+    import monitor.pipeline as module
+
+    real = module.in_event_time_order
+
+    def broken_for_b(batch):
+        if batch.model == "b":
+            raise RuntimeError("a bug in the detection step")
+        return real(batch)
+
+    monkeypatch.setattr(module, "in_event_time_order", broken_for_b)
+    seen = []
+    result = p.process(records([event(i, model="a") for i in range(5)] + [b"not json"]
+                               + [event(i, model="b") for i in range(2)]))
+    route = p.routes["a"]
+    seen.append(route.detectors[0].streams["confidence"].seen)
+    assert result.processed == 5 and seen == [5], "model a is processed once, not replayed"
+    assert sorted(d.reason for d in result.dead_letters) == ["invalid_json", "processing_failed", "processing_failed"]
+    get = metrics.registry.get_sample_value
+    assert get("inferwatch_dead_letters_total", {"reason": "invalid_json"}) == 1
+    assert get("inferwatch_events_total", {"model": "a", "outcome": "processed"}) == 5

@@ -93,6 +93,8 @@ def run(indicators: np.ndarray, p0: float, p1: float, h: float, start: float = 0
     w = np.where(indicators > 0, a * step, -b * step)
     alarms = []
     offset, s0 = 0, start
+    if len(w) == 0:
+        return np.asarray(alarms, dtype=np.int64), float(start)
     while offset < len(w):
         c = s0 + np.cumsum(w[offset:])
         s = c - np.minimum(np.minimum.accumulate(c), 0.0)

@@ -14,14 +14,20 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 _SECRETS: set[str] = set()
 
 
-def redact(value: str) -> None:
-    """Register a secret: from now on every log line shows it as ***."""
-    if value and len(value) >= 4:
-        _SECRETS.add(value)
+def redact(value: object) -> None:
+    """Register a secret: from now on every log line shows it as ***, in the forms a log line can
+    carry it (as is, JSON-escaped, repr-escaped)."""
+    text = str(value)
+    if not text:
+        return
+    for form in (text, json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1], repr(text)[1:-1],
+                 text.encode("unicode_escape").decode()):
+        if form:
+            _SECRETS.add(form)
 
 
 def _scrub(text: str) -> str:
-    for secret in _SECRETS:
+    for secret in sorted(_SECRETS, key=len, reverse=True):  # longest first: no partial leftovers
         if secret in text:
             text = text.replace(secret, "***")
     return text

@@ -63,6 +63,9 @@ def security_settings(config: Config) -> dict[str, Any]:
             value = _ENV_REF.sub(lambda m: os.environ[m.group(1)], value)
             if "password" in key or _ENV_REF.search(config.kafka.security[key]):
                 logs.redact(value)
+        elif "password" in key:  # an unquoted number in YAML: still a password
+            value = str(value)
+            logs.redact(value)
         out[key] = value
     return out
 
@@ -71,10 +74,32 @@ def _common(config: Config) -> dict[str, Any]:
     return {
         "bootstrap_servers": config.kafka.bootstrap_servers,
         "client_id": config.kafka.client_id,
+        # A client constructor waits for bootstrap this long; short, so a stop is not held up and a
+        # retry comes soon (the daemon has already seen the broker's port answer).
+        "bootstrap_timeout_ms": 5000,
         "reconnect_backoff_ms": 200,
         "reconnect_backoff_max_ms": 5000,
         **security_settings(config),
     }
+
+
+def construct(cls: Any, **settings: Any) -> Any:
+    """``cls(**settings)`` for a kafka-python client, closing its IO thread and sockets when the
+    constructor fails (kafka-python 3 starts them before bootstrapping and leaves them on failure,
+    so each retry against a port that does not speak Kafka would leak one more thread)."""
+    client = cls.__new__(cls)
+    try:
+        client.__init__(**settings)
+    except BaseException:
+        for owner in (client, getattr(client, "_client", None), getattr(client, "_sender", None)):
+            net = getattr(owner, "_net", None)
+            if net is not None:
+                try:
+                    net.close()
+                except Exception:
+                    log.debug("closing a half-built client", exc_info=True)
+        raise
+    return client
 
 
 def make_producer(config: Config, **overrides: Any) -> KafkaProducer:
@@ -89,7 +114,7 @@ def make_producer(config: Config, **overrides: Any) -> KafkaProducer:
         "delivery_timeout_ms": 30000,
         **overrides,
     }
-    return KafkaProducer(**settings)
+    return construct(KafkaProducer, **settings)
 
 
 class _RebalanceLog(ConsumerRebalanceListener):
@@ -119,7 +144,8 @@ class KafkaSource:
         self.metrics = metrics
         self.topics = list(topics or [config.kafka.topics.logs])
         k = config.kafka
-        self.consumer = KafkaConsumer(
+        self.consumer = construct(
+            KafkaConsumer,
             **_common(config),
             group_id=k.group_id,
             enable_auto_commit=False,
@@ -256,7 +282,7 @@ def ensure_topics(config: Config) -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(**_common(config))
+    admin = construct(KafkaAdminClient, **_common(config))
     try:
         existing = set(admin.list_topics())
         t = config.kafka.topics
