@@ -1,3 +1,5 @@
 from monitor.cli import main
 
-raise SystemExit(main())
+# Guarded: the consumer process is started with "spawn", which imports the parent's main module.
+if __name__ == "__main__":
+    raise SystemExit(main())

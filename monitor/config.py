@@ -75,6 +75,9 @@ class Kafka(Base):
     ack_timeout: Duration = "10s"
     session_timeout_ms: PositiveInt = 10000
     max_poll_interval_ms: PositiveInt = 300000
+    # Run the consumer in a process of its own (kafka-python's record parsing then uses another core
+    # than the detectors); false keeps everything in one process.
+    consumer_process: bool = True
 
 
 class ModelOverride(Base):

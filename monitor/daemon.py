@@ -199,7 +199,12 @@ class DetectDaemon:
                                     ack_timeout(self.config), max_request)
         self.outputs.listeners.extend(self.listeners)
         try:
-            self.source = KafkaSource(self.config, self.metrics)
+            if self.config.kafka.consumer_process:
+                from monitor.sources.fetcher import ProcessSource
+
+                self.source = ProcessSource(self.config, self.metrics)
+            else:
+                self.source = KafkaSource(self.config, self.metrics)
         except Exception:
             self.outputs.close()
             self.outputs = None

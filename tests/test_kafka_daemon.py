@@ -253,3 +253,58 @@ def test_a_dead_letter_with_no_key_no_value_and_null_headers_is_published(broker
     assert headers["traceparent"] == b"" and headers["tenant"] == b"acme"
     assert headers["inferwatch.source.offset"] == b"41"
     assert not (tmp_path / "undeliverable.jsonl").exists()
+
+
+def consumer_process_of(daemon_pid: int) -> int:
+    """The pid of the daemon's consumer process (its one child running the spawn entry point)."""
+    import subprocess as sp
+
+    out = sp.run(["pgrep", "-P", str(daemon_pid)], capture_output=True, text=True).stdout.split()
+    children = [int(pid) for pid in out]
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            if b"spawn_main" in handle.read():  # not the resource tracker, also a child
+                return pid
+    raise AssertionError(f"no consumer process among the children {children} of {daemon_pid}")
+
+
+def test_a_killed_consumer_process_is_replaced_and_nothing_is_lost(broker, tmp_path, daemons):
+    import os
+
+    topics = broker.topics("child")
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(3000)])
+    d = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(d)
+    d.wait_for(lambda: committed(broker.bootstrap, group_of(config), topics["logs"], 3) == 3000,
+               what="the first events committed")
+    os.kill(consumer_process_of(d.process.pid), signal.SIGKILL)
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(3000, 5000)])
+    d.wait_for(lambda: committed(broker.bootstrap, group_of(config), topics["logs"], 3) == 5000,
+               timeout=90, what="the events after the consumer process was killed")
+    assert d.metric("inferwatch_events_total", model="fraud", outcome="processed") >= 5000
+    assert any("starting another" in r.get("msg", "") for r in d.log_records())
+    assert d.stop() == 0
+
+
+def test_the_consumer_process_does_not_outlive_a_killed_daemon(broker, tmp_path, daemons):
+    import os
+    import time
+
+    topics = broker.topics("orphan")
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
+    d = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(d)
+    d.wait_for(d.ready, what="the daemon to be ready")
+    child = consumer_process_of(d.process.pid)
+    d.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{child}/status") as handle:
+                if "\nState:\tZ" in handle.read():
+                    return  # exited; only waiting for whoever adopted it to reap it
+        except FileNotFoundError:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the consumer process is still running after its daemon was killed")

@@ -1,7 +1,5 @@
 """Surges of low-confidence predictions, per model and per client, at a set false-alarm rate.
 
-Status: groundwork of issue 3, tested but not yet in the detector registry (see the note there).
-
 Each prediction is marked low-confidence when its score crosses a bound learnt from the model's
 reference (its first ``reference_size`` events): the top probability below its ``quantile`` (default),
 the margin between the two top probabilities below its ``quantile``, or the entropy of the probabilities
@@ -41,6 +39,9 @@ import numpy as np
 from monitor.detections import Detection, make_detection
 from monitor.detectors import Detector, ModelBatch
 from monitor.detectors import cusum
+
+
+RECENT_HALF_LIFE = 5000  # events: how fast the model's recent rate of marks follows the stream
 
 
 class ClientState:
@@ -98,6 +99,8 @@ class LowConfidence(Detector):
         self.p0: float | None = None
         self.h: float | None = None
         self.client_h: float | None = None
+        self.recent_rate = 0.0
+        self.client_base: float | None = None
         self.statistic = 0.0
         self.seen = 0
         self.quiet_until = 0
@@ -138,6 +141,8 @@ class LowConfidence(Detector):
         p1 = min(self.params.shift * self.p0, 0.99)
         self.h = cusum.threshold_for_ert(self.p0, p1, float(self.params.ert))
         self.client_h = cusum.threshold_for_ert(self.p0, p1, float(self.params.client_ert))
+        self.recent_rate = self.p0
+        self.client_base = self.p0
         self.reference = []  # the bound, p0 and thresholds are all that is kept
 
     # -- the batch -----------------------------------------------------------------------------
@@ -159,6 +164,9 @@ class LowConfidence(Detector):
             if present.size == 0:
                 return []
         marks = (scores < self.bound).astype(np.int8)
+        # the model's recent rate of marks, with a half-life of RECENT_HALF_LIFE events
+        weight = 1 - 0.5 ** (len(marks) / RECENT_HALF_LIFE)
+        self.recent_rate += weight * (float(marks.mean()) - self.recent_rate)
         found = self._model_stream(batch, present, marks)
         found.extend(self._client_streams(batch, present, marks))
         self.seen += len(marks)
@@ -183,9 +191,12 @@ class LowConfidence(Detector):
         (a stable sort of client codes), and within each client's run the recursion is solved by a
         running sum and a running minimum that restarts at the client's first event (see cusum.run).
         Only a client whose statistic crosses its threshold is replayed event by event."""
-        p1 = min(self.params.shift * self.p0, 0.99)
-        a, b, step = cusum._grid(self.p0, p1)
-        up, down, h = a * step, -b * step, self.client_h
+        base = self._client_baseline(float(marks.mean()))
+        p1 = min(self.params.shift * base, 0.99)
+        a, b, step = cusum._grid(base, p1)
+        h = self.client_h = cusum.threshold_for_ert(base, p1, float(self.params.client_ert))
+        self.client_base = base
+        up, down = a * step, -b * step
         events = batch.events
         ids = [events[j].client_id for j in present.tolist()]
         codes_of: dict[str | None, int] = {}
@@ -238,12 +249,25 @@ class LowConfidence(Detector):
                     st.statistic = 0.0
                     if st.events >= self.params.min_client_events and st.events >= st.quiet_until:
                         st.quiet_until = st.events + self.params.cooldown
+                        window = marks_sorted[lo: pos + 1]
                         found.append(self._detection(batch, int(present[order[pos]]), names[sorted_codes[lo]],
-                                                     st.marks / st.events, st.events, h, self.params.client_ert))
+                                                     float(window.mean()), len(window), h, self.params.client_ert,
+                                                     base))
         if len(clients) > self.params.max_clients:
             self._evict(float(batch.ts[-1]))
         found.sort(key=lambda d: d.ts)
         return found
+
+    def _client_baseline(self, batch_rate: float) -> float:
+        """The rate a client is compared with: the reference rate, or the model's recent or current
+        rate when that is higher, so that when the whole model is unsure (a drift, caught by the model's
+        own CUSUM) the clients do not alarm with it, while a client far above the rest still does.
+        Rounded up to two significant digits, so that thresholds are calibrated for few distinct rates
+        (cached)."""
+        rate = max(self.p0, self.recent_rate, batch_rate)
+        exponent = math.floor(math.log10(rate)) - 1
+        rate = math.ceil(rate / 10 ** exponent) * 10 ** exponent
+        return min(rate, 0.98 / self.params.shift)
 
     def _evict(self, now: float) -> None:
         """Forget idle clients, then the least recently seen; never one whose CUSUM is half-way up."""
@@ -259,19 +283,23 @@ class LowConfidence(Detector):
                 del self.clients[c]
 
     def _detection(self, batch: ModelBatch, index: int, client: str | None, rate: float, events: int,
-                   h: float, ert: float) -> Detection:
+                   h: float, ert: float, baseline: float | None = None) -> Detection:
         event = batch.events[index]
         topic, partition, offset = batch.source(index)
-        ratio = rate / self.p0 if self.p0 else math.inf
+        baseline = self.p0 if baseline is None else baseline
+        ratio = rate / baseline if baseline else math.inf
         severity = "critical" if ratio >= 2 * self.params.shift else "warning"
         who = f"client {client}" if client else "the model"
         return make_detection(
             detector=self.name, kind="low_confidence_spike", model=self.model, window_start=float(event.ts),
             ts=float(event.ts), client_id=client, model_version=event.model_version, severity=severity,
             score=round(ratio, 3), threshold=self.params.shift,
-            summary=(f"low-confidence predictions of {who} at {rate:.1%} of the last {events} events, "
-                     f"{ratio:.1f}x the reference {self.p0:.1%} (Bernoulli CUSUM, ERT {ert:,.0f})"),
+            summary=(f"low-confidence predictions of {who} at {rate:.1%} of "
+                     f"{'its last' if client else 'the last'} {events} events, {ratio:.1f}x the "
+                     f"{'reference' if baseline == self.p0 else 'model-wide'} {baseline:.1%} "
+                     f"(Bernoulli CUSUM, ERT {ert:,.0f})"),
             evidence={"indicator": self.params.indicator, "bound": self.bound, "reference_rate": self.p0,
+                      "compared_with_rate": baseline, "model_recent_rate": self.recent_rate,
                       "observed_rate": rate, "events": events, "cusum_threshold": h, "ert": ert,
                       "event_ids": [e.event_id for e in batch.events[max(0, index - 9): index + 1]]},
             source={"topic": topic, "partition": partition, "offset": offset},
