@@ -308,3 +308,22 @@ def test_the_consumer_process_does_not_outlive_a_killed_daemon(broker, tmp_path,
             return
         time.sleep(0.2)
     raise AssertionError("the consumer process is still running after its daemon was killed")
+
+
+def test_a_commit_after_the_consumer_process_died_starts_another_instead_of_failing(broker, tmp_path):
+    from monitor.config import load_config
+    from monitor.ops.metrics import Metrics
+    from monitor.sources.fetcher import ProcessSource, WireRecord
+
+    topics = broker.topics("commit-dead")
+    config = load_config(write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state"))
+    source = ProcessSource(config, Metrics())
+    try:
+        first = source.process
+        first.kill()
+        first.join(10)
+        source.commit([WireRecord(b"{}", None, topics["logs"], 0, 5, None)], timeout=5, sync=True)
+        assert source.process is not first and source.process.is_alive()
+    finally:
+        source.close()
+    assert not source.process.is_alive()

@@ -254,6 +254,11 @@ class ProcessSource:
         raise ChildFailed("no answer to a commit from the consumer process")
 
     def commit(self, records: Sequence[Any], timeout: float = 10.0, sync: bool = True) -> None:
+        if not self.process.is_alive():
+            # Its partitions go to the next consumer, which re-reads from the last commit: these
+            # events are processed again rather than committed by a consumer that no longer exists.
+            self._alive_or_restart()
+            return
         ack = next(self._acks)
         try:
             self._conn.send_bytes(_encoder.encode(("commit", self._offsets(records), sync, ack)))
@@ -263,6 +268,8 @@ class ProcessSource:
             self._wait_ack(ack, timeout)
 
     def commit_processed(self, timeout: float) -> None:
+        if not self.process.is_alive():
+            return  # nothing to settle: its uncommitted events are redelivered after the restart
         ack = next(self._acks)
         try:
             self._conn.send_bytes(_encoder.encode(("final", timeout, ack)))
