@@ -42,6 +42,7 @@ from monitor.detectors import cusum
 
 
 RECENT_HALF_LIFE = 5000  # events: how fast the model's recent rate of marks follows the stream
+BASELINE_STEP = 1.25  # the client baseline moves in steps of a quarter of the model's rate
 
 
 class ClientState:
@@ -262,12 +263,13 @@ class LowConfidence(Detector):
         """The rate a client is compared with: the reference rate, or the model's recent or current
         rate when that is higher, so that when the whole model is unsure (a drift, caught by the model's
         own CUSUM) the clients do not alarm with it, while a client far above the rest still does.
-        Rounded up to two significant digits, so that thresholds are calibrated for few distinct rates
-        (cached)."""
-        rate = max(self.p0, self.recent_rate, batch_rate)
-        exponent = math.floor(math.log10(rate)) - 1
-        rate = math.ceil(rate / 10 ** exponent) * 10 ** exponent
-        return min(rate, 0.98 / self.params.shift)
+        The reference rate until the model's rate is a quarter above it, then steps of a quarter: few
+        distinct rates, so few threshold calibrations (cached), and none while the model is calm."""
+        rate = max(self.recent_rate, batch_rate)
+        if rate <= BASELINE_STEP * self.p0:
+            return self.p0
+        steps = math.ceil(math.log(rate / self.p0) / math.log(BASELINE_STEP))
+        return min(self.p0 * BASELINE_STEP ** steps, 0.98 / self.params.shift)
 
     def _evict(self, now: float) -> None:
         """Forget idle clients, then the least recently seen; never one whose CUSUM is half-way up."""
