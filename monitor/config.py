@@ -272,6 +272,4 @@ def _duration(where: str, path: str, value: str | float) -> float:
         raise ConfigError(f"{where}: {path}: {exc}") from None
 
 
-def seconds(value: str | float) -> float:
-    """A config duration already validated by load_config."""
-    return parse_duration(value)
+seconds = parse_duration  # for durations load_config has already validated

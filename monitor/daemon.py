@@ -187,7 +187,7 @@ class DetectDaemon:
         self._last_loop = time.monotonic()
 
     def _connect(self) -> None:
-        from monitor.sources.kafka import KafkaSource, ack_timeout, ensure_topics, make_producer
+        from monitor.sources.kafka import KafkaSource, ensure_topics, make_producer
 
         if self.config.kafka.create_topics:
             ensure_topics(self.config)
@@ -196,7 +196,7 @@ class DetectDaemon:
         topics = self.config.kafka.topics
         self.outputs = KafkaOutputs(producer, topics.detections, topics.dead_letters,
                                     Spool(Path(self.config.state.dir) / "undeliverable.jsonl"),
-                                    ack_timeout(self.config), max_request)
+                                    seconds(self.config.kafka.ack_timeout), max_request)
         self.outputs.listeners.extend(self.listeners)
         try:
             if self.config.kafka.consumer_process:
@@ -233,7 +233,7 @@ class DetectDaemon:
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
         self._set_ready("ok")
-        last_lag = 0.0
+        last_lag, delivered = 0.0, True
         while not self.stopping.is_set():
             self._last_loop = time.monotonic()
             if checkpoint_due.is_set():
@@ -247,13 +247,13 @@ class DetectDaemon:
                 self.stopping.wait(1.0)
                 continue
             now = time.monotonic()
+            if now - last_lag > 1.0:
+                self.source.update_lag()
+                last_lag = now
             if not records:
                 reachable = self.source.broker_reachable()
                 self.metrics.broker_up.set(1 if reachable else 0)
                 self._set_ready("ok" if reachable else "broker unreachable")
-                if now - last_lag > 1.0:
-                    self.source.update_lag()
-                    last_lag = now
                 continue
             self.metrics.broker_up.set(1)
             if self.first_batch_at is None:
@@ -263,17 +263,14 @@ class DetectDaemon:
                 delivered = self._deliver(result, records)
             self.metrics.batch_events.observe(len(records))
             if not delivered:
-                # The detectors have seen a batch that will be redelivered: keep the previous
-                # checkpoint rather than one that would feed them the batch twice after a restart.
-                self.store = None
                 break
             self.processed += len(records)
             self.last_batch_at = time.monotonic()
-            if now - last_lag > 1.0:
-                self.source.update_lag()
-                last_lag = now
         self._final_commit()
-        self._checkpoint("stop")
+        if delivered:
+            self._checkpoint("stop")
+        # else the detectors have seen a batch that will be redelivered: the previous checkpoint is
+        # kept rather than one that would feed them the batch twice after a restart.
 
     def _final_commit(self) -> None:
         """Wait for outstanding asynchronous commits by committing the last offsets synchronously."""
@@ -311,13 +308,11 @@ class DetectDaemon:
                               self.metrics.publish_failures):
             return False
         timeout = seconds(self.config.kafka.ack_timeout)
-        # Asynchronous while running (the next poll overlaps the commit); synchronous for the batch
-        # a stop finishes with, so what was processed is what is committed.
-        sync = self.stopping.is_set()
 
         def commit() -> None:
+            # Asynchronous: the next poll overlaps it; a stop ends with _final_commit, synchronous.
             try:
-                self.source.commit(records, timeout, sync=sync)
+                self.source.commit(records, timeout, sync=False)
             except CommitFailedError:
                 # The group rebalanced away from us: the new owner re-reads from the last commit.
                 log.warning("commit refused after a rebalance; %d events will be redelivered", len(records))

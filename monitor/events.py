@@ -41,11 +41,6 @@ REASONS = {
 def event_type(max_features: int = 4096, max_string_chars: int = 512) -> type:
     """The Event struct with the configured limits baked into its schema (so msgspec enforces them)."""
     Str = Annotated[str, msgspec.Meta(min_length=1, max_length=max_string_chars)]
-    Features = Union[
-        Annotated[list[Finite], msgspec.Meta(max_length=max_features)],
-        Annotated[dict[Str, Finite], msgspec.Meta(max_length=max_features)],
-        None,
-    ]
     Prediction = Union[Finite, Str, Annotated[list[Union[Finite, Str]], msgspec.Meta(max_length=max_features)], None]
     fields = [
         ("event_id", Str),
@@ -183,7 +178,7 @@ class EventDecoder:
         """An Event, or a ``(reason, error)`` pair when the message is bad."""
         event = self.decode_unchecked_features(raw)
         if event.__class__ is not tuple and not raw.isascii() and invalid_utf8([raw]):
-            return ("invalid_utf8", _utf8_error(raw))
+            return ("invalid_utf8", utf8_error(raw))
         if event.__class__ is not tuple and event.features:
             problem = self._check_features(bytes(event.features))
             if problem is not None:
@@ -226,7 +221,7 @@ class EventDecoder:
         except msgspec.DecodeError as exc:
             return classify_decode_error(raw, str(exc))
         except UnicodeDecodeError:
-            return ("invalid_utf8", _utf8_error(raw))
+            return ("invalid_utf8", utf8_error(raw))
         except (ValueError, RecursionError, MemoryError) as exc:  # msgspec's guard on nesting depth
             return ("invalid_json", f"{type(exc).__name__}: {exc}"[:200])
         if event.ts.__class__ is not float:
@@ -267,7 +262,7 @@ def classify_validation_error(message: str) -> tuple[str, str]:
     return ("wrong_type", message)
 
 
-def _utf8_error(raw: bytes) -> str:
+def utf8_error(raw: bytes) -> str:
     """Where the first invalid UTF-8 byte of the message is (msgspec counts from the string's start)."""
     try:
         raw.decode("utf-8")
@@ -296,7 +291,7 @@ def classify_decode_error(raw: bytes, message: str) -> tuple[str, str]:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
-        return ("invalid_utf8", _utf8_error(raw))
+        return ("invalid_utf8", utf8_error(raw))
     # Python's json.dumps writes NaN/Infinity by default: name that precisely, it is a common producer bug.
     lowered = raw.lower()
     if b"nan" in lowered or b"infinity" in lowered:

@@ -13,7 +13,7 @@ import numpy as np
 from monitor.config import Config
 from monitor.detections import Detection
 from monitor.detectors import Detector, ModelBatch, registry
-from monitor.events import DeadLetter, EventDecoder, _utf8_error as _utf8_message, invalid_utf8
+from monitor.events import DeadLetter, EventDecoder, invalid_utf8, utf8_error
 from monitor.ops.metrics import OTHER_MODEL, Metrics
 
 log = logging.getLogger("inferwatch.pipeline")
@@ -140,7 +140,7 @@ class Pipeline:
         if bad_utf8:
             for i in sorted(bad_utf8):
                 r = records[i]
-                dead.append(DeadLetter.of(r, "invalid_utf8", _utf8_message(r.value)))
+                dead.append(DeadLetter.of(r, "invalid_utf8", utf8_error(r.value)))
             records = [r for i, r in enumerate(records) if i not in bad_utf8]
         # The per-event loop: kept to a decode, a type test and two appends (the throughput budget).
         for r in records:

@@ -98,6 +98,7 @@ class LowConfidence(Detector):
         self.reference: list[float] = []
         self.bound: float | None = params.bound
         self.p0: float | None = None
+        self.p1: float | None = None
         self.h: float | None = None
         self.client_h: float | None = None
         self.recent_rate = 0.0
@@ -139,9 +140,9 @@ class LowConfidence(Detector):
         # p0 from the reference itself (ties at the bound make it differ from the quantile)
         p0 = float(np.mean(ref < self.bound))
         self.p0 = min(max(p0, 1e-4), 0.5)
-        p1 = min(self.params.shift * self.p0, 0.99)
-        self.h = cusum.threshold_for_ert(self.p0, p1, float(self.params.ert))
-        self.client_h = cusum.threshold_for_ert(self.p0, p1, float(self.params.client_ert))
+        self.p1 = min(self.params.shift * self.p0, 0.99)
+        self.h = cusum.threshold_for_ert(self.p0, self.p1, float(self.params.ert))
+        self.client_h = cusum.threshold_for_ert(self.p0, self.p1, float(self.params.client_ert))
         self.recent_rate = self.p0
         self.client_base = self.p0
         self.reference = []  # the bound, p0 and thresholds are all that is kept
@@ -174,8 +175,7 @@ class LowConfidence(Detector):
         return found
 
     def _model_stream(self, batch: ModelBatch, present: np.ndarray, marks: np.ndarray) -> list[Detection]:
-        p1 = min(self.params.shift * self.p0, 0.99)
-        alarms, self.statistic = cusum.run(marks, self.p0, p1, self.h, self.statistic)
+        alarms, self.statistic = cusum.run(marks, self.p0, self.p1, self.h, self.statistic)
         found = []
         for i in alarms.tolist():
             if self.seen + i < self.quiet_until:

@@ -1,20 +1,16 @@
-"""Periodic work on APScheduler: every job is wrapped so a failure is logged and counted, never fatal,
-and its last run shows in /metrics. Jobs that touch detector state only raise a flag; the main loop
-does the work between batches, so detectors are never used from two threads.
+"""Periodic work on APScheduler. A job only raises a flag; the main loop does the work between batches
+(so detectors are never used from two threads) and reports it with ``done``: a failure is logged and
+counted, never fatal, and the last run shows in /metrics.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from monitor.ops.metrics import Metrics
-
-log = logging.getLogger("inferwatch.scheduler")
 
 
 class Jobs:
@@ -22,20 +18,6 @@ class Jobs:
         self.metrics = metrics
         self.scheduler = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
         self.due: dict[str, threading.Event] = {}
-
-    def every(self, name: str, seconds: float, work: Callable[[], None]) -> None:
-        """Run ``work`` every ``seconds`` in the scheduler's thread."""
-
-        def run() -> None:
-            try:
-                work()
-            except Exception:
-                log.exception("scheduled job %s failed", name)
-                self.metrics.job_failures.labels(name).inc()
-            else:
-                self.metrics.job_last_run.labels(name).set(time.time())
-
-        self.scheduler.add_job(run, "interval", seconds=seconds, id=name, name=name)
 
     def flag_every(self, name: str, seconds: float) -> threading.Event:
         """An event set every ``seconds``; the main loop clears it and does the job itself."""

@@ -26,6 +26,7 @@ from kafka.errors import KafkaError
 
 from monitor.config import Config
 from monitor.ops.metrics import Metrics
+from monitor.sources.kafka import next_offsets, publish_lag
 
 log = logging.getLogger("inferwatch.fetcher")
 
@@ -59,7 +60,6 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
     """The consumer process's main loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from kafka import TopicPartition
     from kafka.errors import KafkaConfigurationError
 
     from monitor.daemon import tune_garbage_collector
@@ -88,7 +88,7 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
                 if kind == "commit":  # ("commit", [[topic, partition, next_offset], ...], sync, ack id)
                     _, offsets, sync, ack = message
                     in_flight -= 1
-                    error = _commit(source, TopicPartition, offsets, sync)
+                    error = _commit(source, {(t, p): o for t, p, o in offsets}, sync)
                     if sync:
                         conn.send_bytes(_encoder.encode(("ack", ack, error)))
                 elif kind == "final":  # commit everything processed, synchronously, then stop
@@ -116,7 +116,7 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
             now = time.monotonic()
             if now - last_status > STATUS_EVERY:
                 last_status = now
-                lag = {f"{tp.topic}\x1f{tp.partition}": value for tp, value in _lag(source).items()}
+                lag = [[topic, partition, value] for (topic, partition), value in source.lag().items()]
                 conn.send_bytes(_encoder.encode(("status", source.broker_reachable(), lag)))
     except (EOFError, BrokenPipeError, OSError):
         return  # the daemon closed its end
@@ -124,34 +124,13 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
         source.close()
 
 
-def _commit(source: Any, topic_partition: Any, offsets: list, sync: bool) -> str | None:
-    from kafka.structs import OffsetAndMetadata
-
-    committed = {topic_partition(t, p): OffsetAndMetadata(o, "", -1) for t, p, o in offsets}
-    source._processed.update(committed)
+def _commit(source: Any, offsets: dict[tuple[str, int], int], sync: bool) -> str | None:
     try:
-        if sync:
-            source.consumer.commit(committed)
-        else:
-            source.consumer.commit_async(committed)
+        source.commit_offsets(offsets, sync=sync)
     except Exception as exc:  # a rebalance took the partitions: they are redelivered to their owner
         log.warning("commit failed (%s); those events will be redelivered", type(exc).__name__)
         return type(exc).__name__
     return None
-
-
-def _lag(source: Any) -> dict[Any, int]:
-    out = {}
-    consumer = source.consumer
-    for tp in consumer.assignment():
-        high = consumer.highwater(tp)
-        try:
-            position = consumer.position(tp, timeout_ms=0)
-        except Exception:
-            continue
-        if high is not None and position is not None:
-            out[tp] = max(0, high - position)
-    return out
 
 
 class ProcessSource:
@@ -205,7 +184,7 @@ class ProcessSource:
             self._batches.append(message[1])
         elif kind == "status":
             self._reachable = bool(message[1])
-            self._lag = {tuple(key.split("\x1f")): value for key, value in message[2].items()}
+            self._lag = {(topic, partition): value for topic, partition, value in message[2]}
 
     def _alive_or_restart(self) -> None:
         if self.process.is_alive():
@@ -232,12 +211,6 @@ class ProcessSource:
             self._alive_or_restart()
             return []
 
-    def _offsets(self, records: Sequence[Any]) -> list[list[Any]]:
-        last: dict[tuple[str, int], int] = {}
-        for r in records:
-            last[(r.topic, r.partition)] = r.offset
-        return [[t, p, o + 1] for (t, p), o in last.items()]
-
     def _wait_ack(self, ack: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -261,7 +234,8 @@ class ProcessSource:
             return
         ack = next(self._acks)
         try:
-            self._conn.send_bytes(_encoder.encode(("commit", self._offsets(records), sync, ack)))
+            offsets = [[t, p, o] for (t, p), o in next_offsets(records).items()]
+            self._conn.send_bytes(_encoder.encode(("commit", offsets, sync, ack)))
         except OSError as exc:
             raise ChildFailed(f"the consumer process is gone: {exc}") from None
         if sync:
@@ -278,13 +252,7 @@ class ProcessSource:
         self._wait_ack(ack, timeout + 1)
 
     def update_lag(self) -> None:
-        seen = set()
-        for (topic, partition), value in self._lag.items():
-            self.metrics.consumer_lag.labels(topic, partition).set(value)
-            seen.add((topic, partition))
-        for labels in self._lag_labels - seen:
-            self.metrics.consumer_lag.remove(*labels)
-        self._lag_labels = seen
+        self._lag_labels = publish_lag(self.metrics, self._lag, self._lag_labels)
 
     def broker_reachable(self) -> bool:
         return self._reachable and self.process.is_alive()

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from monitor.config import Config, seconds
+from monitor.config import Config
 from monitor.errors import ConfigError
 from monitor.ops import logs
 from monitor.ops.metrics import Metrics
@@ -178,23 +178,24 @@ class KafkaSource:
         return out
 
     def commit(self, records: Sequence[Any], timeout: float = 10.0, sync: bool = True) -> None:
-        """Commit the offsets after the last of ``records`` in each partition.
+        """Commit the offsets after the last of ``records`` in each partition."""
+        self.commit_offsets(next_offsets(records), timeout, sync)
+
+    def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0, sync: bool = True) -> None:
+        """Commit (topic, partition) -> next offset to read.
 
         ``sync=False`` sends the commit without waiting for its answer: the loop goes on polling, and
         a lost async commit only means a later commit (or the final synchronous one) covers it.
         Commits go to the group coordinator in order, so a late answer never moves offsets back.
         """
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for r in records:
-            offsets[TopicPartition(r.topic, r.partition)] = r.offset
         if not offsets:
             return
-        offsets = {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in offsets.items()}
-        self._processed.update(offsets)
+        committed = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        self._processed.update(committed)
         if sync:
-            self.consumer.commit(offsets, timeout_ms=int(timeout * 1000))
+            self.consumer.commit(committed, timeout_ms=int(timeout * 1000))
         else:
-            self.consumer.commit_async(offsets, callback=self._on_async_commit)
+            self.consumer.commit_async(committed, callback=self._on_async_commit)
 
     def _on_async_commit(self, offsets: dict, result: Any) -> None:
         if isinstance(result, Exception):
@@ -209,24 +210,21 @@ class KafkaSource:
         if offsets:
             self.consumer.commit(offsets, timeout_ms=int(timeout * 1000))
 
-    def update_lag(self) -> None:
-        seen = set()
+    def lag(self) -> dict[tuple[str, str], int]:
+        """(topic, partition as text) -> messages between the high watermark and the position."""
+        out = {}
         for tp in self.consumer.assignment():
             high = self.consumer.highwater(tp)
-            if high is None:
-                continue
             try:
                 position = self.consumer.position(tp, timeout_ms=0)
             except Exception:  # position unknown yet (no fetch since assignment)
                 continue
-            if position is None:
-                continue
-            labels = (tp.topic, str(tp.partition))
-            self.metrics.consumer_lag.labels(*labels).set(max(0, high - position))
-            seen.add(labels)
-        for labels in self._lag_labels - seen:  # partitions revoked from this replica
-            self.metrics.consumer_lag.remove(*labels)
-        self._lag_labels = seen
+            if high is not None and position is not None:
+                out[(tp.topic, str(tp.partition))] = max(0, high - position)
+        return out
+
+    def update_lag(self) -> None:
+        self._lag_labels = publish_lag(self.metrics, self.lag(), self._lag_labels)
 
     def broker_reachable(self) -> bool:
         """True while a connection to some broker is up (kafka-python has no public call for this)."""
@@ -247,6 +245,24 @@ class KafkaSource:
             self.consumer.close(autocommit=False)
         except Exception:
             log.exception("closing the consumer")
+
+
+def next_offsets(records: Sequence[Any]) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> the offset after the last of ``records`` there: what a commit stores."""
+    last: dict[tuple[str, int], int] = {}
+    for r in records:
+        last[(r.topic, r.partition)] = r.offset
+    return {key: offset + 1 for key, offset in last.items()}
+
+
+def publish_lag(metrics: Metrics, lag: dict[tuple[str, str], int],
+                shown: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Set the lag gauges and remove those of partitions no longer here; returns the labels shown."""
+    for labels, value in lag.items():
+        metrics.consumer_lag.labels(*labels).set(value)
+    for labels in shown - set(lag):  # partitions revoked from this replica
+        metrics.consumer_lag.remove(*labels)
+    return set(lag)
 
 
 def wait_for_broker(config: Config, stop: Any, heartbeat: Any = lambda: None) -> None:
@@ -299,7 +315,4 @@ def ensure_topics(config: Config) -> None:
     finally:
         admin.close()
 
-
-def ack_timeout(config: Config) -> float:
-    return seconds(config.kafka.ack_timeout)
 
