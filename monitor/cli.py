@@ -72,9 +72,10 @@ def _positive(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="inferwatch",
-        description="Runtime security monitor for deployed ML models: reads inference logs from Kafka (or "
-                    "files), runs online detectors per model (today: drift of confidence, latency and cost "
-                    "figures) and publishes detections, with bad input sent to a dead-letter topic.",
+        description="Runtime security monitor for deployed ML models: reads inference logs from Kafka\n"
+                    "(or files), runs online detectors per model (today: drift of confidence, latency and\n"
+                    "cost figures; low-confidence surges per model and per client) and publishes\n"
+                    "detections, with bad input sent to a dead-letter topic.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"inferwatch {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
