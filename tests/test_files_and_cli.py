@@ -49,8 +49,8 @@ def detections(text: bytes) -> list[dict[str, Any]]:
 def assert_confidence_drift(found: list[dict[str, Any]], result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     assert found, result.stderr.decode()[-3000:]
-    assert (found[0]["model"], found[0]["kind"], found[0]["evidence"]["stream"]) == (
-        "fraud", "prediction_drift", "confidence")
+    assert (found[0]["model"], found[0]["kind"], found[0]["evidence"]["features"]) == (
+        "fraud", "prediction_drift", ["confidence"])
 
 
 # -- the file source ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from monitor.config import load_config
-from monitor.detectors.scalar_drift import ScalarDrift
+from monitor.detectors.drift import Drift
 from monitor.ops.metrics import Metrics
 from monitor.pipeline import Pipeline
 from monitor.sources.files import FileRecord
@@ -43,15 +43,15 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def stream(p: Pipeline, model: str):
-    return p.routes[model].detectors[0].streams["confidence"]
+def drift(p: Pipeline, model: str) -> Drift:
+    return p.routes[model].detectors[0]
 
 
 def test_first_event_of_a_model_builds_its_configured_detectors():
     p = pipeline()
     p.process(records([event(0, "fraud"), event(1, "credit")]))
-    assert [type(d) for d in p.routes["fraud"].detectors] == [ScalarDrift]
-    assert [type(d) for d in p.routes["credit"].detectors] == [ScalarDrift]
+    assert [type(d) for d in p.routes["fraud"].detectors] == [Drift]
+    assert [type(d) for d in p.routes["credit"].detectors] == [Drift]
     assert p.routes["fraud"].detectors[0] is not p.routes["credit"].detectors[0]
 
 
@@ -61,7 +61,7 @@ def test_a_model_keeps_its_detectors_across_batches():
     first = p.routes["fraud"].detectors[0]
     p.process(records([event(1)]))
     assert p.routes["fraud"].detectors[0] is first
-    assert stream(p, "fraud").seen == 2
+    assert drift(p, "fraud").events == 2
 
 
 def test_detectors_follow_the_model_overrides():
@@ -155,7 +155,7 @@ def test_a_failing_detector_does_not_stop_other_models(monkeypatch):
 
     monkeypatch.setattr(p.routes["broken"].detectors[0], "update", update)
     result = p.process(records([event(i, "broken") for i in range(1, 6)] + [event(i, "healthy") for i in range(1, 6)]))
-    assert stream(p, "healthy").seen == 6
+    assert drift(p, "healthy").events == 6
     assert result.processed == 10
     assert sample(metrics, "inferwatch_events_total", model="healthy", outcome="processed") == 6
 
@@ -181,13 +181,13 @@ def test_a_failing_detector_is_counted_and_logged_with_its_model(monkeypatch, ca
 
 def test_restored_state_continues_without_relearning():
     before = pipeline()
-    before.process(records([event(i) for i in range(600)]))
+    before.process(records([event(i, confidence=0.5 + i % 97 / 200) for i in range(2100)]))
     checkpoint = pickle.loads(pickle.dumps(before.state()))  # what the checkpoint store does
 
     after = pipeline(restored=checkpoint)
-    after.process(records([event(i) for i in range(600, 610)]))
-    assert stream(after, "fraud").seen == 610
-    assert after.routes["fraud"].detectors[0].describe()["streams"]["confidence"]["state"] == "armed"
+    after.process(records([event(i) for i in range(2100, 2110)]))
+    assert drift(after, "fraud").events == 2110
+    assert drift(after, "fraud").describe()["state"] == "armed"
 
 
 def test_a_change_right_after_a_restart_is_detected():
@@ -198,7 +198,7 @@ def test_a_change_right_after_a_restart_is_detected():
 
     after = pipeline(restored=checkpoint)
     found = after.process(records(events[3000:])).detections
-    assert [(d.model, d.kind, d.evidence["stream"]) for d in found][:1] == [("fraud", "prediction_drift", "confidence")]
+    assert [(d.model, d.kind, d.evidence["features"]) for d in found][:1] == [("fraud", "prediction_drift", ["confidence"])]
 
 
 def test_without_restored_state_the_change_becomes_the_reference():
@@ -215,17 +215,17 @@ def test_restored_state_of_a_model_not_yet_seen_is_kept_for_the_next_checkpoint(
     after = pipeline(restored=checkpoint)
     after.process(records([event(1, "fraud")]))
     assert set(after.state()) == {"fraud", "credit"}
-    assert after.state()["credit"]["drift"]["streams"]["confidence"].seen == 1
+    assert after.state()["credit"]["drift"]["learned"] == 1
 
 
 def test_out_of_order_batch_is_given_to_detectors_in_event_time_order():
     p = pipeline()
-    events = [event(i, confidence=0.5 + i / 1000) for i in range(50)]
+    p.process(records([event(i, confidence=0.5 + i % 89 / 200) for i in range(2000)]))  # the reference
+    events = [event(i, confidence=0.5 + i / 100_000) for i in range(2000, 2050)]
     random.Random(3).shuffle(events)
     p.process(records(events))
-    values, ts = stream(p, "fraud").last(50)
-    assert list(ts) == sorted(ts)
-    assert list(values) == pytest.approx([0.5 + i / 1000 for i in range(50)])  # each value moved with its event
+    values = drift(p, "fraud").groups["confidence"].last(50)[:, 0]
+    assert list(values) == pytest.approx([0.5 + i / 100_000 for i in range(2000, 2050)])  # in event-time order
 
 
 def test_last_event_timestamp_is_the_newest_event_time_of_the_batch():
@@ -276,7 +276,7 @@ def test_a_detection_step_that_fails_turns_that_models_events_into_dead_letters_
     result = p.process(records([event(i, model="a") for i in range(5)] + [b"not json"]
                                + [event(i, model="b") for i in range(2)]))
     route = p.routes["a"]
-    seen.append(route.detectors[0].streams["confidence"].seen)
+    seen.append(route.detectors[0].events)
     assert result.processed == 5 and seen == [5], "model a is processed once, not replayed"
     assert sorted(d.reason for d in result.dead_letters) == ["invalid_json", "processing_failed", "processing_failed"]
     get = metrics.registry.get_sample_value

@@ -132,8 +132,9 @@ class Detector:
 
 
 _BUILTINS = {
-    "drift": "monitor.detectors.scalar_drift:ScalarDrift",
+    "drift": "monitor.detectors.drift:Drift",
     "confidence": "monitor.detectors.confidence:LowConfidence",
+    "alibi": "monitor.detectors.alibi_adapter:AlibiDetector",
 }
 
 

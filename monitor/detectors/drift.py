@@ -1,0 +1,740 @@
+"""Drift of a model's inputs, outputs and accuracy against its reference, at a set false-alarm rate.
+
+What is watched, per model (each part can be switched off):
+
+- **every feature**, and the scalar ``streams`` (confidence, a numeric prediction, latency and cost
+  figures): rank CUSUM charts (``monitor.detectors.rank_cusum``) on each value's bin among the
+  reference, for a rise or fall of the level (tuned to mean shifts of ``shifts`` reference sd) and of
+  the spread (tuned to the sd growing or shrinking by ``spread``);
+- **the feature vector as a whole**: each event's kernel score against the reference (the cross term
+  of the MMD, ``mean_r k(x, r)``, on random Fourier features of the reference's top principal
+  components), ranked among the scores of held-out reference events, with the same charts. It sees
+  changes no single feature shows, such as broken correlations;
+- **the predicted classes**: a Bernoulli CUSUM (``monitor.detectors.cusum``) per class for its share
+  rising or falling by a factor ``class_shift`` (a class unseen in the reference counts as
+  ``__other__``);
+- **accuracy**, when labels arrive: river's DDM (Gama et al. 2004) on the stream of errors.
+
+All charts of a model share one budget: the detector's expected run time between false alarms is
+``ert`` events, and each of its ``C`` charts is calibrated to ``ert * C`` (the charts' run lengths are
+close to geometric, so their first alarm comes at the rate of the sum; correlated features make it
+rarer, never more frequent). The rank charts need no simulation and no data to calibrate: under no
+change every bin is equally likely, whatever the feature's distribution (see ``rank_cusum``).
+
+The reference is a file (``reference``: JSONL events or a ``.npy`` feature matrix) or the model's first
+``reference_size`` events; it is built once and kept in the checkpoint. After an alarm the column that
+alarmed restarts and stays quiet for ``cooldown`` events. ``method: adwin`` or ``page_hinkley`` watches
+the streams with river's detectors instead of rank charts (``monitor.detectors.scalar_drift``).
+
+>>> import numpy as np, msgspec
+>>> from types import SimpleNamespace as E
+>>> rng = np.random.default_rng(0)
+>>> def batch(rows, t0):
+...     events = [E(ts=t0 + i, features=msgspec.Raw(msgspec.json.encode(r.tolist())), confidence=None,
+...                 probabilities=None, prediction=None, label=None, event_id=str(i), client_id=None,
+...                 model_version=None, latency_ms=None) for i, r in enumerate(rows)]
+...     return ModelBatch("m", events, [E(topic="t", partition=0, offset=i) for i in range(len(rows))])
+>>> d = Drift("m", Drift.Params(ert=10_000, streams=[], reference_size=2000))
+>>> d.update(batch(rng.normal(size=(4000, 3)), 0.0))
+[]
+>>> shifted = rng.normal(size=(500, 3)); shifted[:, 1] += 1.0
+>>> [(f.kind, f.evidence["features"]) for f in d.update(batch(shifted, 4000.0))]
+[('feature_drift', ['f1', 'multivariate'])]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, ClassVar, Literal
+
+import msgspec
+import numpy as np
+
+from monitor.detections import Detection, make_detection
+from monitor.detectors import Detector, ModelBatch
+from monitor.detectors import cusum, rank_cusum, reference as reference_file
+from monitor.detectors.rank_cusum import LOCATION, SPREAD, RankBins
+from monitor.errors import ConfigError
+
+log = logging.getLogger("inferwatch.detectors.drift")
+
+STREAM_KINDS = {
+    "confidence": "prediction_drift",
+    "prediction": "prediction_drift",
+    "latency_ms": "latency_anomaly",
+    "cpu_ms": "resource_anomaly",
+    "memory_mb": "resource_anomaly",
+    "output_tokens": "resource_anomaly",
+    "input_bytes": "payload_anomaly",
+}
+LOG_STREAMS = {"latency_ms", "cpu_ms", "memory_mb", "output_tokens", "input_bytes"}
+Stream = Literal["confidence", "prediction", "latency_ms", "cpu_ms", "memory_mb", "output_tokens", "input_bytes"]
+
+RECENT = 500  # rows kept per column group to summarise the current window of an alarm
+MIN_REFERENCE = 2 * rank_cusum.BINS - 1
+BLOCK = 8  # events a chart step sums: an eighth of the chart work for at most 7 events more delay  # the smallest reference that fills the bins twice
+
+
+# -- the charts of a group of columns ------------------------------------------------------------
+
+
+class Chart(msgspec.Struct, frozen=True):
+    name: str  # for people: "mean up", "spread down", ...
+    score: Literal["location", "spread"]
+    sign: int  # +1 watches a rise of the score, -1 a fall
+    k: int
+    h: int = 0
+
+    def support(self) -> tuple[int, ...]:
+        return LOCATION if self.score == "location" else SPREAD
+
+
+def chart_set(shifts: list[float], spread: float | None) -> list[Chart]:
+    charts = []
+    for shift in shifts:
+        k = rank_cusum.location_k(shift)
+        charts += [Chart(f"mean up ({shift:g} sd)", "location", 1, k),
+                   Chart(f"mean down ({shift:g} sd)", "location", -1, k)]
+    if spread:
+        charts += [Chart(f"spread up (x{spread:g})", "spread", 1, rank_cusum.spread_k(spread)),
+                   Chart(f"spread down (/{spread:g})", "spread", -1, rank_cusum.spread_k(1 / spread))]
+    return charts
+
+
+class ColumnGroup:
+    """Columns ranked against one reference matrix, each with the same set of charts."""
+
+    def __init__(self, names: list[str], kinds: list[str], ref: np.ndarray, charts: list[Chart], log_scale: list[bool]):
+        self.names = names
+        self.kinds = kinds
+        self.bins = RankBins(ref)
+        self.charts = charts
+        self.statistics = np.zeros((len(charts), len(names)), dtype=np.int64)
+        self.quiet_until = np.zeros(len(names), dtype=np.int64)
+        self.carry = np.zeros((len(names), 0), dtype=np.int16)  # scores of events short of a block
+        self.seen = 0
+        self.alarms = 0
+        shown = np.where(np.asarray(log_scale)[None, :], np.log1p(np.maximum(ref, 0)), ref)
+        self.log_scale = log_scale
+        self.ref_mean = shown.mean(axis=0)
+        self.ref_sd = np.where(shown.std(axis=0) > 0, shown.std(axis=0), 1.0)
+        self.ref_quantiles = np.quantile(ref, [0.05, 0.5, 0.95], axis=0)
+        self.recent = np.full((RECENT, len(names)), np.nan)
+        self.recent_pos = 0
+
+    def calibrate(self, arl: float) -> None:
+        """Thresholds for an in-control run length of ``arl`` events (``arl / BLOCK`` blocks)."""
+        self.charts = [msgspec.structs.replace(c, h=rank_cusum.lattice_threshold(c.support(), c.k, arl / BLOCK, BLOCK))
+                       for c in self.charts]
+
+    def update(self, values: np.ndarray) -> list[tuple[int, int, int, float]]:
+        """Run the charts over ``values`` (n x columns, no NaN). Returns the alarms as
+        (column, chart, index in ``values`` of the first crossing, excess = statistic / threshold).
+
+        The charts read sums of ``BLOCK`` events' scores: the running sum is taken per event and read
+        at block ends, so the charts' work is an eighth of the events'; events short of a block wait
+        for the next batch (``carry``)."""
+        location, spread = rank_cusum.scores(self.bins.bins(values))
+        carried = self.carry.shape[1]
+        location = np.concatenate([self.carry, location], axis=1) if carried else location
+        blocks = location.shape[1] // BLOCK
+        ends = slice(BLOCK - 1, blocks * BLOCK, BLOCK)
+        totals = {"location": np.cumsum(location, axis=1, dtype=np.int32)[:, ends]}
+        if any(c.score == "spread" for c in self.charts):
+            spread = np.abs(location) - rank_cusum.BINS // 2  # from the carried events too
+            totals["spread"] = np.cumsum(spread, axis=1, dtype=np.int32)[:, ends]
+        self.carry = location[:, blocks * BLOCK:].copy()
+        found: dict[int, tuple[int, int, float]] = {}
+        if blocks:
+            quiet = self.quiet_until > self.seen  # columns still quiet after an earlier alarm
+            for c, chart in enumerate(self.charts):
+                total = totals[chart.score] if chart.sign > 0 else -totals[chart.score]
+                first, at, end = rank_cusum.crossings(total, chart.k * BLOCK, chart.h, self.statistics[c])
+                self.statistics[c] = end
+                for j in np.flatnonzero(first >= 0).tolist():
+                    index = (int(first[j]) + 1) * BLOCK - 1 - carried  # the block's last event
+                    if quiet[j] and self.seen + index < self.quiet_until[j]:
+                        continue
+                    excess = max(float(at[j]), float(end[j])) / chart.h
+                    if j not in found or (index, -excess) < (found[j][1], -found[j][2]):
+                        found[j] = (c, index, excess)
+            for j in found:
+                self.statistics[:, j] = 0  # the column restarts, then waits out its cooldown
+            self.statistics[:, quiet] = 0
+        self._push(values)
+        self.seen += len(values)
+        self.alarms += len(found)
+        return [(j, c, index, excess) for j, (c, index, excess) in sorted(found.items(), key=lambda kv: kv[1][1])]
+
+    def quiet(self, columns: list[int], until: int) -> None:
+        self.quiet_until[columns] = until
+
+    def _push(self, values: np.ndarray) -> None:
+        values = values[-RECENT:]
+        idx = (self.recent_pos + np.arange(len(values))) % RECENT
+        self.recent[idx] = values
+        self.recent_pos = (self.recent_pos + len(values)) % RECENT
+
+    def last(self, n: int) -> np.ndarray:
+        """The last ``n`` rows pushed (n x columns), oldest first."""
+        n = min(n, RECENT)
+        return self.recent[(self.recent_pos - n + np.arange(n)) % RECENT]
+
+    def summary(self, j: int) -> dict[str, Any]:
+        """Reference against the current window of column ``j``: means, quantiles and the shift in sd."""
+        now = self.recent[:, j]
+        now = now[~np.isnan(now)]
+        shown_now = np.log1p(np.maximum(now, 0)) if self.log_scale[j] else now
+        mean_now = float(shown_now.mean()) if len(now) else math.nan
+        effect = (mean_now - self.ref_mean[j]) / self.ref_sd[j]
+        sd_ratio = float(shown_now.std() / self.ref_sd[j]) if len(now) > 1 else math.nan
+        back = math.expm1 if self.log_scale[j] else float
+        q_now = np.quantile(now, [0.05, 0.5, 0.95]).tolist() if len(now) else []
+        return {
+            "feature": self.names[j],
+            "reference": {"mean": back(float(self.ref_mean[j])), "sd": float(self.ref_sd[j]),
+                          "quantiles_5_50_95": [float(q) for q in self.ref_quantiles[:, j]]},
+            "current": {"mean": back(mean_now), "quantiles_5_50_95": q_now, "events": int(len(now))},
+            "effect_sd": round(float(effect), 4),
+            "sd_ratio": round(sd_ratio, 4),
+            "transform": "log1p" if self.log_scale[j] else None,
+        }
+
+
+# -- the whole feature vector ---------------------------------------------------------------------
+
+
+class KernelScore:
+    """``mean_r k(x, r)`` for a Gaussian kernel on the top principal components of the standardised
+    reference, by random Fourier features (Rahimi & Recht 2007): ``phi(x) . mean_r phi(r)``. Fitted on
+    one half of the reference; the other half gives the null scores the stream's scores are ranked
+    against, so the ranks are exchangeable with the stream's under no change."""
+
+    COMPONENTS = 8
+    FOURIER = 32
+
+    def __init__(self, ref: np.ndarray, seed: int = 7):
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(ref))
+        fit, held = ref[order[: len(ref) // 2]], ref[order[len(ref) // 2:]]
+        self.mean = fit.mean(axis=0)
+        sd = fit.std(axis=0)
+        self.scale = 1.0 / np.where(sd > 0, sd, 1.0)
+        _, _, vt = np.linalg.svd((fit - self.mean) * self.scale, full_matrices=False)
+        self.components = vt[: min(self.COMPONENTS, ref.shape[1])].T.copy()
+        projected = self._project(fit)
+        pairs = rng.integers(0, len(projected), size=(512, 2))
+        distance = np.linalg.norm(projected[pairs[:, 0]] - projected[pairs[:, 1]], axis=1)
+        bandwidth = float(np.median(distance)) or 1.0  # the median heuristic
+        self.omega = rng.normal(size=(self.components.shape[1], self.FOURIER)) / bandwidth
+        self.phase = rng.uniform(0, 2 * np.pi, size=self.FOURIER)
+        self.embedding = np.cos(projected @ self.omega + self.phase).mean(axis=0)
+        self.null_mean = float(self.score(held).mean())
+        self.held = held
+
+    def _project(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) * self.scale) @ self.components
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return np.cos(self._project(x) @ self.omega + self.phase) @ self.embedding
+
+
+# -- the detector ---------------------------------------------------------------------------------
+
+
+class Drift(Detector):
+    """Rank CUSUM charts per feature, stream and the whole vector, class-share and label charts."""
+
+    name: ClassVar[str] = "drift"
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        ert: float = 100_000  # expected events between false alarms, all the model's charts together
+        reference: str | None = None  # JSONL events or .npy features; default: the first events
+        reference_size: int = 2000  # events that form the reference (at most this many from a file)
+        feature_names: list[str] | None = None  # names of the feature vector's entries, for reports
+        features: bool = True  # a chart set on every feature
+        multivariate: bool = True  # and on the kernel score of the whole vector
+        classes: bool = True  # predicted-class shares
+        labels: bool = True  # error rate when events carry a label (river DDM)
+        streams: list[Stream] = msgspec.field(default_factory=lambda: ["confidence", "latency_ms"])
+        method: Literal["cusum", "adwin", "page_hinkley"] = "cusum"  # for the streams
+        shifts: list[float] = msgspec.field(default_factory=lambda: [0.5, 2.0])  # mean shifts, in sd
+        spread: float | None = 1.5  # sd ratio the spread charts are tuned to; null: no spread charts
+        class_shift: float = 1.5  # a class share rising or falling by this factor
+        max_classes: int = 50
+        cooldown: int = 5000  # events of quiet for a column after its alarm
+        critical_effect: float = 2.0  # a shift of this many reference sd is critical
+        # river's detectors, for method adwin or page_hinkley
+        delta: float = 0.002
+        threshold: float = 50.0
+        min_effect: float = 0.5
+
+        def check(self) -> tuple[str, str] | None:
+            if self.ert < 10:
+                return "ert", f"expected at least 10 events between false alarms, got {self.ert:g}"
+            if self.reference is not None and (problem := reference_file.check_path(self.reference)):
+                return "reference", problem
+            if self.reference_size < MIN_REFERENCE:
+                return "reference_size", f"expected at least {MIN_REFERENCE} events, got {self.reference_size}"
+            if not self.shifts or any(not 0.05 <= s <= 5 for s in self.shifts):
+                return "shifts", f"expected one or more mean shifts between 0.05 and 5 sd, got {self.shifts}"
+            if self.spread is not None and not 1.05 <= self.spread <= 5:
+                return "spread", f"expected an sd ratio between 1.05 and 5 (or null), got {self.spread}"
+            if not 1.05 <= self.class_shift <= 10:
+                return "class_shift", f"expected a factor between 1.05 and 10, got {self.class_shift}"
+            if self.max_classes < 2:
+                return "max_classes", f"expected at least 2, got {self.max_classes}"
+            if self.cooldown < 0:
+                return "cooldown", f"expected >= 0 events, got {self.cooldown}"
+            if not 0 < self.delta < 1:
+                return "delta", f"expected 0 < delta < 1, got {self.delta}"
+            if self.critical_effect <= 0:
+                return "critical_effect", f"expected > 0, got {self.critical_effect}"
+            return None
+
+    def __init__(self, model: str, params: Params):
+        super().__init__(model, params)
+        self.reference_id = "stream"  # or the reference file's identity
+        self.learning: dict[str, list[Any]] = {"features": [], "classes": [], "errors": []}
+        self.learning.update({s: [] for s in self._rank_streams()})
+        self.learned = 0
+        self.built = False
+        self.feature_names: list[str] | None = params.feature_names
+        self.groups: dict[str, ColumnGroup] = {}  # "features", "multivariate", and one per stream
+        self.kernel: KernelScore | None = None
+        self.dimension = 0
+        self.classes: list[str] = []
+        self.class_p0 = np.zeros(0)
+        self.class_charts: list[tuple[int, int, float, float, float]] = []  # (class, sign, p0, p1, h)
+        self.class_statistics = np.zeros(0)
+        self.class_quiet = np.zeros(0, dtype=np.int64)
+        self.class_recent = np.zeros(0)
+        self.class_seen = 0
+        self.charts_total = 0
+        self.arl = 0.0
+        self.reference_error_rate = math.nan
+        self.ddm = None
+        self.label_quiet = 0
+        self.errors_seen = 0
+        self.seen = 0
+        self.ignored_rows = 0  # feature vectors of another dimension than the reference's
+        self.dimension_quiet = 0
+        self.river = None
+        if params.method != "cusum" and params.streams:
+            from monitor.detectors.scalar_drift import ScalarDrift
+            self.river = ScalarDrift(model, ScalarDrift.Params(
+                streams=list(params.streams), method=params.method, delta=params.delta,
+                threshold=params.threshold, reference_size=min(params.reference_size, 10_000),
+                min_effect=params.min_effect, critical_effect=max(params.critical_effect, params.min_effect),
+                cooldown=params.cooldown))
+
+    @property
+    def events(self) -> int:
+        """Events taken so far, for the reference and after it."""
+        return self.learned + self.seen
+
+    def _rank_streams(self) -> list[str]:
+        return list(dict.fromkeys(self.params.streams)) if self.params.method == "cusum" else []
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def restore(self, state: dict[str, Any]) -> None:
+        wanted = reference_file.identity(self.params.reference) if self.params.reference else "stream"
+        if state.get("reference_id", "stream") != wanted:
+            log.info("%s: the configured reference changed since the checkpoint; building it anew", self.model)
+            return
+        super().restore(state)
+
+    # -- the stream -----------------------------------------------------------------------------
+
+    def update(self, batch: ModelBatch) -> list[Detection]:
+        found: list[Detection] = []
+        if self.river is not None:
+            found.extend(self.river.update(batch))
+        start = 0
+        if not self.built:
+            if self.params.reference and self.reference_id == "stream":
+                self._build_from_file()
+            if not self.built:
+                start = self._learn(batch)
+                if not self.built:
+                    return found
+        if start >= len(batch):
+            return found
+        view = batch if start == 0 else _tail(batch, start)
+        found.extend(self._watch(view))
+        self.seen += len(view)
+        return found
+
+    def _learn(self, batch: ModelBatch) -> int:
+        """Take events for the reference; returns how many of the batch it took."""
+        take = min(self.params.reference_size - self.learned, len(batch))
+        part = batch if take == len(batch) else _head(batch, take)
+        self._collect(part, self.learning)
+        self.learned += take
+        if self.learned >= self.params.reference_size:
+            self._build(self.learning)
+            self.learning = {}
+        return take
+
+    def _collect(self, batch: Any, into: dict[str, list[Any]]) -> None:
+        if isinstance(batch, np.ndarray):
+            into["features"].append(batch)
+            return
+        matrix, mask = batch.features
+        if self.feature_names is None and mask.any():
+            self.feature_names = _feature_names(batch)
+        into["features"].append(matrix[mask])
+        for stream in self._rank_streams():
+            values = _stream_values(batch, stream)
+            into[stream].append(values[~np.isnan(values)])
+        classes = _classes(batch)
+        into["classes"].extend(c for c in classes if c is not None)
+        if self.params.labels:
+            errors = _errors(batch, classes)
+            into["errors"].append(errors[errors >= 0])
+
+    def _build_from_file(self) -> None:
+        path = self.params.reference
+        try:
+            data = reference_file.load(path, self.model, self.params.reference_size)
+            parts: dict[str, list[Any]] = {"features": [], "classes": [], "errors": []}
+            parts.update({s: [] for s in self._rank_streams()})
+            self._collect(data, parts)
+            self._build(parts)
+            self.reference_id = reference_file.identity(path)
+        except ConfigError as exc:
+            log.error("%s: %s; learning the reference from the first %d events instead",
+                      self.model, exc, self.params.reference_size)
+            self.reference_id = f"failed:{path}"
+
+    def _build(self, parts: dict[str, list[Any]]) -> None:
+        """The reference summaries, the chart sets and their calibration."""
+        p = self.params
+        charts = chart_set(p.shifts, p.spread)
+        features = _stack(parts.get("features", []))
+        if len(features) >= MIN_REFERENCE and features.shape[1] > 0:
+            self.dimension = features.shape[1]
+            names = self.feature_names or []
+            if len(names) != self.dimension:
+                names = [f"f{j}" for j in range(self.dimension)]
+            self.feature_names = names
+            if p.features:
+                self.groups["features"] = ColumnGroup(names, ["feature_drift"] * len(names), features, charts,
+                                                      [False] * len(names))
+            if p.multivariate and self.dimension >= 2 and len(features) >= 2 * MIN_REFERENCE + 2:
+                self.kernel = KernelScore(features)
+                null = self.kernel.score(self.kernel.held)[:, None]
+                self.groups["multivariate"] = ColumnGroup(
+                    ["multivariate"], ["feature_drift"], null, [c for c in charts if c.score == "location"], [False])
+                self.kernel.held = None  # its scores are in the group's reference: bounded memory
+        for stream in self._rank_streams():
+            values = _stack(parts.get(stream, []), column=True)
+            if len(values) >= MIN_REFERENCE:
+                self.groups[stream] = ColumnGroup([stream], [STREAM_KINDS[stream]], values, charts,
+                                                  [stream in LOG_STREAMS])
+        if p.classes:
+            self._build_classes(parts.get("classes", []))
+        errors = _stack(parts.get("errors", []))
+        if p.labels:
+            from river.drift.binary import DDM
+            self.ddm = DDM()
+            if len(errors):
+                self.reference_error_rate = float(errors.mean())
+                for e in errors.tolist():  # DDM's own baseline starts from the reference's errors
+                    self.ddm.update(bool(e))
+        self.charts_total = (sum(len(g.charts) * len(g.names) for g in self.groups.values())
+                             + len(self.class_charts))
+        self.arl = float(p.ert) * max(1, self.charts_total)
+        for group in self.groups.values():
+            group.calibrate(self.arl)
+        self.class_charts = [(c, sign, p0, p1, cusum.threshold_for_ert(p0, p1, self.arl))
+                             for c, sign, p0, p1, _ in self.class_charts]
+        self.built = True
+        log.info("%s: drift reference built from %d events: %d features, %d streams, %d classes, "
+                 "%d charts at %.3g events each", self.model, len(features), self.dimension,
+                 len(self._rank_streams()), len(self.classes), self.charts_total, self.arl)
+
+    def _build_classes(self, classes: list[str]) -> None:
+        if not classes:
+            return
+        names, counts = np.unique(np.asarray(classes, dtype=object).astype(str), return_counts=True)
+        if len(names) > self.params.max_classes:
+            log.info("%s: %d predicted classes in the reference, more than max_classes; no class charts",
+                     self.model, len(names))
+            return
+        n = len(classes)
+        self.classes = names.tolist() + ["__other__"]
+        p0 = np.append(counts / n, 0.0)
+        p0 = np.clip(p0, 0.5 / n, None)
+        self.class_p0 = p0 / p0.sum()
+        shift = self.params.class_shift
+        charts = []
+        for c, share in enumerate(self.class_p0.tolist()):
+            charts.append((c, 1, share, min(share * shift, (1 + share) / 2), 0.0))
+            if share * n >= 20:  # a fall can only be seen in a class the reference saw often
+                charts.append((c, -1, 1 - share, 1 - share / shift, 0.0))
+        self.class_charts = charts
+        self.class_statistics = np.zeros(len(charts))
+        self.class_quiet = np.zeros(len(self.classes), dtype=np.int64)
+
+    # -- watching -------------------------------------------------------------------------------
+
+    def _watch(self, batch: ModelBatch) -> list[Detection]:
+        found: list[Detection] = []
+        alarms: dict[str, list[tuple[str, int, int, float]]] = {}  # kind -> (group, column, index, excess)
+        features = self.groups.get("features")
+        if (features is not None or self.kernel is not None) and self.dimension:
+            matrix, mask = batch.features
+            if matrix.shape[1] != self.dimension:
+                if mask.any():
+                    found.extend(self._dimension_change(batch, int(mask.sum()), matrix.shape[1]))
+                mask = np.zeros(len(batch), dtype=bool)
+            rows = np.flatnonzero(mask)
+            if rows.size:
+                values = matrix[rows]
+                if features is not None:
+                    self._run_group("features", values, rows, alarms)
+                if self.kernel is not None:
+                    self._run_group("multivariate", self.kernel.score(values)[:, None], rows, alarms)
+        for stream in self._rank_streams():
+            if stream in self.groups:
+                values = _stream_values(batch, stream)
+                rows = np.flatnonzero(~np.isnan(values))
+                if rows.size:
+                    self._run_group(stream, values[rows][:, None], rows, alarms)
+        for kind, hits in alarms.items():
+            found.append(self._rank_detection(batch, kind, hits))
+        classes = _classes(batch) if self.class_charts or self.ddm is not None else []
+        if self.class_charts:
+            found.extend(self._watch_classes(batch, classes))
+        if self.ddm is not None:
+            found.extend(self._watch_errors(batch, classes))
+        return found
+
+    def _run_group(self, name: str, values: np.ndarray, rows: np.ndarray,
+                   alarms: dict[str, list[tuple[str, int, int, float]]]) -> None:
+        group = self.groups[name]
+        before = group.seen
+        hits = group.update(values)
+        for column, chart, index, excess in hits:
+            group.quiet([column], before + index + 1 + self.params.cooldown)
+            alarms.setdefault(group.kinds[column], []).append((name, column, int(rows[index]), excess, chart))
+
+    def _rank_detection(self, batch: ModelBatch, kind: str, hits: list[tuple]) -> Detection:
+        hits = sorted(hits, key=lambda h: -h[3])
+        index = min(h[2] for h in hits)
+        event = batch.events[index]
+        columns = []
+        for name, column, at, excess, chart in hits:
+            group = self.groups[name]
+            summary = group.summary(column)
+            summary.update({"chart": group.charts[chart].name, "excess": round(excess, 3),
+                            "threshold": group.charts[chart].h, "at_event": batch.events[at].event_id})
+            if name == "multivariate":
+                summary["feature"] = "multivariate"
+                summary["about"] = "kernel score against the reference (MMD cross term) on its top principal components"
+            columns.append(summary)
+        excess = max(h[3] for h in hits)
+        big = any(abs(c["effect_sd"]) >= self.params.critical_effect for c in columns if c["effect_sd"] == c["effect_sd"])
+        severity = "critical" if excess >= 2 or big else "warning"
+        names = [c["feature"] for c in columns]
+        described = "; ".join(_describe(c) for c in columns[:3]) + ("; ..." if len(columns) > 3 else "")
+        what = "input" if kind == "feature_drift" else "stream"
+        topic, partition, offset = batch.source(index)
+        return make_detection(
+            detector=self.name, kind=kind, model=self.model, window_start=float(event.ts),
+            subject=",".join(sorted(names)), ts=float(event.ts), model_version=event.model_version,
+            severity=severity, score=round(excess, 4), threshold=1.0,
+            summary=(f"{len(names)} {what} {'column' if len(names) == 1 else 'columns'} drifted: {described} "
+                     f"(rank CUSUM, ERT {self.params.ert:,.0f} events)"),
+            evidence={"features": names, "columns": columns, "ert": self.params.ert,
+                      "charts": self.charts_total, "reference": self.reference_id,
+                      "window": [float(batch.events[max(0, index - RECENT + 1)].ts), float(event.ts)],
+                      "event_ids": [e.event_id for e in batch.events[max(0, index - 9): index + 1]]},
+            source={"topic": topic, "partition": partition, "offset": offset},
+        )
+
+    def _dimension_change(self, batch: ModelBatch, rows: int, dimension: int) -> list[Detection]:
+        self.ignored_rows += rows
+        if self.seen < self.dimension_quiet:
+            return []
+        self.dimension_quiet = self.seen + self.params.cooldown
+        index = int(np.flatnonzero(batch.features[1])[0])
+        event = batch.events[index]
+        topic, partition, offset = batch.source(index)
+        return [make_detection(
+            detector=self.name, kind="feature_drift", model=self.model, window_start=float(event.ts),
+            subject="dimension", ts=float(event.ts), model_version=event.model_version, severity="critical",
+            score=float(dimension), threshold=float(self.dimension),
+            summary=(f"feature vectors have {dimension} entries where the reference has {self.dimension}: "
+                     f"{rows} events of this batch could not be compared"),
+            evidence={"features": [], "dimension": dimension, "reference_dimension": self.dimension,
+                      "ignored_events": self.ignored_rows,
+                      "event_ids": [e.event_id for e in batch.events[index: index + 10]]},
+            source={"topic": topic, "partition": partition, "offset": offset})]
+
+    def _watch_classes(self, batch: ModelBatch, classes: list[str | None]) -> list[Detection]:
+        rows = [i for i, c in enumerate(classes) if c is not None]
+        if not rows:
+            return []
+        code_of = {c: i for i, c in enumerate(self.classes)}
+        other = len(self.classes) - 1
+        codes = np.fromiter((code_of.get(classes[i], other) for i in rows), dtype=np.int64, count=len(rows))
+        hits = []
+        for n, (c, sign, p0, p1, h) in enumerate(self.class_charts):
+            marks = (codes == c) if sign > 0 else (codes != c)
+            alarms, self.class_statistics[n] = cusum.run(marks.astype(np.int8), p0, p1, h, self.class_statistics[n])
+            for at in alarms.tolist():
+                if self.class_seen + at >= self.class_quiet[c]:
+                    self.class_quiet[c] = self.class_seen + at + 1 + self.params.cooldown
+                    hits.append((at, c, sign))
+                    break
+        self.class_seen += len(rows)
+        self.class_recent = _recent_codes(self.class_recent, codes)
+        if not hits:
+            return []
+        at = min(h[0] for h in hits)
+        index = rows[at]
+        event = batch.events[index]
+        recent = self.class_recent
+        shares = {self.classes[c]: {"reference": round(float(self.class_p0[c]), 4),
+                                    "current": round(float(np.mean(recent == c)), 4),
+                                    "direction": "up" if sign > 0 else "down"}
+                  for _, c, sign in hits}
+        ratio = max(max(v["current"], 1e-9) / v["reference"] if v["direction"] == "up"
+                    else v["reference"] / max(v["current"], 1e-9) for v in shares.values())
+        described = ", ".join(f"{name} {v['reference']:.1%} -> {v['current']:.1%}" for name, v in shares.items())
+        topic, partition, offset = batch.source(index)
+        return [make_detection(
+            detector=self.name, kind="prediction_drift", model=self.model, window_start=float(event.ts),
+            subject="classes:" + ",".join(sorted(shares)), ts=float(event.ts), model_version=event.model_version,
+            severity="critical" if ratio >= 2 * self.params.class_shift else "warning",
+            score=round(ratio, 4), threshold=self.params.class_shift,
+            summary=(f"predicted class shares moved: {described} over the last {len(recent)} predictions "
+                     f"(Bernoulli CUSUM, ERT {self.params.ert:,.0f} events)"),
+            evidence={"features": [], "classes": shares, "events": int(len(recent)), "ert": self.params.ert,
+                      "event_ids": [e.event_id for e in batch.events[max(0, index - 9): index + 1]]},
+            source={"topic": topic, "partition": partition, "offset": offset})]
+
+    def _watch_errors(self, batch: ModelBatch, classes: list[str | None]) -> list[Detection]:
+        errors = _errors(batch, classes)
+        labelled = np.flatnonzero(errors >= 0)
+        found = []
+        for i in labelled.tolist():  # labels are few: per-event Python is affordable here
+            self.ddm.update(bool(errors[i]))
+            self.errors_seen += 1
+            if self.ddm.drift_detected and self.errors_seen >= self.label_quiet:
+                self.label_quiet = self.errors_seen + max(100, self.params.cooldown // 10)
+                recent = errors[labelled[max(0, np.searchsorted(labelled, i) - 199): np.searchsorted(labelled, i) + 1]]
+                found.append(self._performance_detection(batch, i, float(recent.mean()), len(recent)))
+        return found
+
+    def _performance_detection(self, batch: ModelBatch, index: int, rate: float, events: int) -> Detection:
+        event = batch.events[index]
+        ref = self.reference_error_rate
+        topic, partition, offset = batch.source(index)
+        worse = rate - (0 if math.isnan(ref) else ref)
+        return make_detection(
+            detector=self.name, kind="performance_drift", model=self.model, window_start=float(event.ts),
+            subject="errors", ts=float(event.ts), model_version=event.model_version,
+            severity="critical" if worse >= 0.2 else "warning", score=round(rate, 4),
+            threshold=None if math.isnan(ref) else round(ref, 4),
+            summary=(f"error rate on labelled events rose to {rate:.1%} over the last {events}"
+                     + ("" if math.isnan(ref) else f" from {ref:.1%} in the reference") + " (DDM)"),
+            evidence={"features": [], "error_rate": rate, "reference_error_rate": None if math.isnan(ref) else ref,
+                      "labelled_events": events, "method": "DDM",
+                      "event_ids": [e.event_id for e in batch.events[max(0, index - 9): index + 1]]},
+            source={"topic": topic, "partition": partition, "offset": offset})
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out.update({
+            "state": "armed" if self.built else f"learning reference ({self.learned}/{self.params.reference_size})",
+            "reference": self.reference_id, "features": self.dimension, "charts": self.charts_total,
+            "chart_run_length": self.arl, "classes": self.classes[:-1],
+            "alarms": {name: g.alarms for name, g in self.groups.items()},
+        })
+        return out
+
+
+# -- per-batch columns ----------------------------------------------------------------------------
+
+
+def _describe(c: dict[str, Any]) -> str:
+    if c["feature"] == "multivariate":
+        return f"the feature vector as a whole ({c['chart']})"
+    ref, now = c["reference"]["mean"], c["current"]["mean"]
+    if c["chart"].startswith("spread"):
+        return f"{c['feature']} spread x{c['sd_ratio']:.2f}"
+    return f"{c['feature']} mean {ref:.4g} -> {now:.4g} ({c['effect_sd']:+.2f} sd)"
+
+
+def _stream_values(batch: ModelBatch, stream: str) -> np.ndarray:
+    if stream == "confidence":
+        return batch.confidence
+    if stream == "prediction":
+        return np.fromiter((e.prediction if e.prediction.__class__ in (float, int) else math.nan
+                            for e in batch.events), dtype=np.float64, count=len(batch))
+    return batch.column(stream)
+
+
+def _class_of(value: Any) -> str | None:
+    if value is None or value.__class__ is list:
+        return None
+    if value.__class__ is float:
+        return str(int(value)) if value.is_integer() else None
+    return str(value)
+
+
+def _classes(batch: ModelBatch) -> list[str | None]:
+    """The predicted class of each event: a string or whole-number prediction, else the index of the
+    top probability."""
+    out = [_class_of(e.prediction) for e in batch.events]
+    if any(c is None for c in out):
+        probs, mask = batch.probabilities
+        if mask.any():
+            top = probs.argmax(axis=1)
+            out = [c if c is not None or not mask[i] else str(int(top[i])) for i, c in enumerate(out)]
+    return out
+
+
+def _errors(batch: ModelBatch, classes: list[str | None]) -> np.ndarray:
+    """1 for a wrong prediction, 0 for a right one, -1 where there is no label or no class."""
+    out = np.full(len(batch), -1, dtype=np.int8)
+    for i, e in enumerate(batch.events):
+        if e.label is not None and classes[i] is not None:
+            out[i] = classes[i] != _class_of(e.label)
+    return out
+
+
+def _feature_names(batch: ModelBatch) -> list[str] | None:
+    for e in batch.events:
+        raw = bytes(e.features) if e.features else b""
+        if raw[:1] == b"{":
+            return sorted(msgspec.json.decode(raw))
+    return None
+
+
+def _stack(parts: list[np.ndarray], column: bool = False) -> np.ndarray:
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return np.zeros((0, 1) if column else (0, 0))
+    if column:
+        return np.concatenate(parts)[:, None]
+    dims = [p.shape[1] for p in parts]
+    dim = max(set(dims), key=dims.count)
+    return np.concatenate([p for p in parts if p.shape[1] == dim])
+
+
+def _recent_codes(recent: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    return np.concatenate([recent, codes])[-RECENT:]
+
+
+def _head(batch: ModelBatch, n: int) -> ModelBatch:
+    return ModelBatch(batch.model, batch.events[:n], batch.records[:n])
+
+
+def _tail(batch: ModelBatch, start: int) -> ModelBatch:
+    return ModelBatch(batch.model, batch.events[start:], batch.records[start:])
