@@ -30,6 +30,7 @@ client whose statistic is above half its threshold is never evicted by a flood o
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, ClassVar, Literal
 
@@ -38,7 +39,10 @@ import numpy as np
 
 from monitor.detections import Detection, make_detection
 from monitor.detectors import Detector, ModelBatch
-from monitor.detectors import cusum
+from monitor.detectors import cusum, reference as reference_file
+from monitor.errors import ConfigError
+
+log = logging.getLogger("inferwatch.detectors.confidence")
 
 
 RECENT_HALF_LIFE = 5000  # events: how fast the model's recent rate of marks follows the stream
@@ -75,6 +79,7 @@ class LowConfidence(Detector):
         bound: float | None = None  # a fixed bound instead of the reference quantile
         shift: float = 3.0  # the CUSUM is tuned to detect a rise of the rate to shift * p0
         reference_size: int = 2000
+        reference: str | None = None  # JSONL events or a 1-column .npy of the indicator; default: the first events
         min_client_events: int = 30  # a client's alarm needs at least this many of its events
         max_clients: int = 10_000
         client_idle: float = 3600.0  # seconds of event time after which an idle client is forgotten
@@ -89,6 +94,8 @@ class LowConfidence(Detector):
                 return "shift", f"expected a rise factor above 1, got {self.shift}"
             if self.reference_size < 100:
                 return "reference_size", f"expected at least 100 events, got {self.reference_size}"
+            if self.reference is not None and (problem := reference_file.check_path(self.reference)):
+                return "reference", problem
             if self.max_clients < 1 or self.min_client_events < 1:
                 return "max_clients", "expected max_clients >= 1 and min_client_events >= 1"
             return None
@@ -96,6 +103,7 @@ class LowConfidence(Detector):
     def __init__(self, model: str, params: Params):
         super().__init__(model, params)
         self.reference: list[float] = []
+        self.reference_id = "stream"  # or the reference file's identity
         self.bound: float | None = params.bound
         self.p0: float | None = None
         self.p1: float | None = None
@@ -129,10 +137,10 @@ class LowConfidence(Detector):
                     out[mask] = np.nansum(p * np.log(np.where(p > 0, p, 1.0)), axis=1)  # -entropy
         return out
 
-    def _learn(self, scores: np.ndarray) -> None:
+    def _learn(self, scores: np.ndarray, final: bool = False) -> None:
         need = self.params.reference_size - len(self.reference)
         self.reference.extend(scores[:need].tolist())
-        if len(self.reference) < self.params.reference_size:
+        if len(self.reference) < self.params.reference_size and not final:
             return
         ref = np.asarray(self.reference)
         if self.bound is None:
@@ -149,7 +157,39 @@ class LowConfidence(Detector):
 
     # -- the batch -----------------------------------------------------------------------------
 
+    def restore(self, state: dict[str, Any]) -> None:
+        wanted = reference_file.identity(self.params.reference) if self.params.reference else "stream"
+        if state.get("reference_id", "stream") != wanted:
+            log.info("%s: the configured reference changed since the checkpoint; building it anew", self.model)
+            return
+        super().restore(state)
+
+    def _learn_from_file(self) -> None:
+        path = self.params.reference
+        try:
+            data = reference_file.load(path, self.model, self.params.reference_size)
+            if isinstance(data, np.ndarray):
+                if data.shape[1] != 1:
+                    raise ConfigError(f"reference {path}: the confidence detector needs events (JSONL) or a "
+                                      f"1-column array of its indicator, not {data.shape[1]} columns")
+                scores = data[:, 0]
+            else:
+                scores = self._scores(data)
+            scores = scores[~np.isnan(scores)]
+            if len(scores) < 100:
+                raise ConfigError(f"reference {path}: {len(scores)} events with a {self.params.indicator}, "
+                                  "expected at least 100")
+            self.reference = scores.tolist()
+            self._learn(np.zeros(0), final=True)
+            self.reference_id = reference_file.identity(path)
+        except ConfigError as exc:
+            log.error("%s: %s; learning the reference from the first %d events instead",
+                      self.model, exc, self.params.reference_size)
+            self.reference_id = f"failed:{path}"
+
     def update(self, batch: ModelBatch) -> list[Detection]:
+        if self.h is None and self.params.reference and self.reference_id == "stream":
+            self._learn_from_file()
         scores = self._scores(batch)
         present = np.flatnonzero(~np.isnan(scores))
         if present.size == 0:

@@ -9,9 +9,9 @@ and alarms when ``S_t > h``. The in-control run length is found without simulati
 of Brook & Evans (1972): the two increments are put on a grid (``w(1) = a·δ``, ``w(0) = -b·δ`` with whole
 ``a`` and ``b``), the chart is a chain on the grid points below ``h``, and the average run length from 0 is
 the solution of ``(I - Q) L = 1``. ``threshold_for_ert`` searches the grid point whose run length first
-reaches the ERT, so the false-alarm rate is set, not hoped for. ``run`` uses the grid's increments (``w(0)``
-rounded by at most half of 1/200 of ``w(1)``), so the chart that runs is the chart that was calibrated;
-the tests check it against simulated run lengths.
+reaches the ERT, so the false-alarm rate is set, not hoped for. ``run`` uses the grid's increments (the smaller
+one rounded by at most half of 1/200 of the larger), so the chart that runs is the chart that was
+calibrated; the tests check it against simulated run lengths.
 
 >>> h = threshold_for_ert(p0=0.05, p1=0.15, ert=1000)
 >>> round(average_run_length(0.05, 0.15, h, p=0.05))  # doctest: +SKIP
@@ -36,9 +36,14 @@ def weights(p0: float, p1: float) -> tuple[float, float]:
 
 
 def _grid(p0: float, p1: float) -> tuple[int, int, float]:
+    """(a, b, step): the larger of the two increments is 200 steps, the other the nearest whole number
+    of steps (so a frequent indicator, whose 0 weighs more than its 1, keeps a small chain)."""
     up, down = weights(p0, p1)
-    step = up / _STEPS_PER_UP
-    return _STEPS_PER_UP, max(1, round(-down / step)), step
+    if up >= -down:
+        step = up / _STEPS_PER_UP
+        return _STEPS_PER_UP, max(1, round(-down / step)), step
+    step = -down / _STEPS_PER_UP
+    return max(1, round(up / step)), _STEPS_PER_UP, step
 
 
 def _run_length(a: int, b: int, states: int, p: float) -> float:
@@ -106,3 +111,77 @@ def run(indicators: np.ndarray, p0: float, p1: float, h: float, start: float = 0
         offset += first + 1
         s0 = 0.0
     return np.asarray(alarms, dtype=np.int64), 0.0
+
+
+def adjustment(values: np.ndarray, probs: np.ndarray, k: float) -> np.ndarray:
+    """Per row of ``probs``, the positive root ``theta`` of ``log E exp(theta (x - k)) = 0`` for
+    increments ``x - k`` with negative mean: a CUSUM's run length grows as ``exp(theta h)``
+    (Cramer-Lundberg), so ``theta`` is how its false-alarm rate falls with the threshold. The log of
+    the expectation is convex and 0 at 0, so the root is bracketed and bisected (log-sum-exp: no
+    overflow), every row at once."""
+    x = np.asarray(values, dtype=np.float64)[None, :] - k
+    logp = np.log(np.where(probs > 0, probs, 1e-300))
+
+    def f(theta: np.ndarray) -> np.ndarray:
+        z = theta[:, None] * x + logp
+        top = z.max(axis=1)
+        return top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+
+    low = np.zeros(len(probs))
+    high = np.full(len(probs), 1.0 / max(float(np.abs(x).max()), 1e-12))
+    for _ in range(200):
+        grow = f(high) < 0
+        if not grow.any():
+            break
+        high = np.where(grow, high * 2, high)
+    for _ in range(60):
+        mid = (low + high) / 2
+        below = f(mid) < 0
+        low, high = np.where(below, mid, low), np.where(below, high, mid)
+    return high
+
+
+def tuning_floor(p0: float, n: int, tail: float = 1e-5) -> float:
+    """The smallest ``p1`` whose chart still drifts down at every rate a reference of ``n`` events with
+    share ``p0`` leaves open (up to its Beta posterior's ``1 - tail`` quantile)."""
+    from scipy import stats
+
+    top = float(stats.beta.ppf(1 - tail, n * p0 + 0.5, n * (1 - p0) + 0.5))
+    low, high = p0, 1.0 - 1e-9
+    for _ in range(60):  # the rate at which the chart has no drift rises with p1
+        mid = (low + high) / 2
+        up, down = weights(p0, mid)
+        low, high = (mid, high) if -down / (up - down) <= top else (low, mid)
+    return high
+
+
+@lru_cache(maxsize=1024)
+def threshold_for_estimated_rate(p0: float, p1: float, ert: float, n: int, draws: int = 2000) -> float:
+    """``threshold_for_ert`` for a ``p0`` estimated from ``n`` reference events: the threshold whose
+    false-alarm rate, averaged over the rates the reference is compatible with (Beta(n p0 + 1/2,
+    n (1 - p0) + 1/2)), is one per ``ert`` events. Each rate's run length is taken as the exact one at
+    ``p0`` times ``exp((theta_p - theta_p0) h)`` (``adjustment``), as in ``rank_cusum``. Raises
+    ValueError when rates the reference cannot rule out would make the chart drift up (``p1`` too
+    close to ``p0`` for so small a reference)."""
+    h0 = threshold_for_ert(p0, p1, ert)
+    a, b, step = _grid(p0, p1)
+    values = np.asarray([a * step, -b * step])
+    rates = np.random.default_rng(n).beta(n * p0 + 0.5, n * (1 - p0) + 0.5, size=draws)
+    theta = adjustment(values, np.c_[rates, 1 - rates], 0.0)
+    if np.mean(values[0] * rates + values[1] * (1 - rates) >= 0) > 1 / draws:
+        raise ValueError(f"p1={p1:.4g} is too close to p0={p0:.4g} estimated from {n} events")
+    theta0 = adjustment(values, np.asarray([[p0, 1 - p0]]), 0.0)[0]
+    log_arl0 = math.log(average_run_length(p0, p1, h0))
+
+    def rate(h: float) -> float:
+        return float(np.mean(np.exp(-(log_arl0 + theta0 * (h - h0) + (theta - theta0) * h))))
+
+    low, high = step, h0
+    while rate(high) > 1 / ert:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise ValueError(f"an ERT of {ert:.3g} is out of reach with a rate estimated from {n} events")
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (low, mid) if rate(mid) <= 1 / ert else (mid, high)
+    return high

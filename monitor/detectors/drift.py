@@ -13,7 +13,9 @@ What is watched, per model (each part can be switched off):
 - **the predicted classes**: a Bernoulli CUSUM (``monitor.detectors.cusum``) per class for its share
   rising or falling by a factor ``class_shift`` (a class unseen in the reference counts as
   ``__other__``);
-- **accuracy**, when labels arrive: river's DDM (Gama et al. 2004) on the stream of errors.
+- **accuracy**, when labels arrive: river's ADWIN (Bifet & Gavalda 2007) on the stream of errors,
+  reporting a rise of the error rate (river's DDM alarmed every few hundred labelled events on a
+  stable model in the tests; ADWIN's ``label_delta`` bounds its false alarms).
 
 All charts of a model share one budget: the detector's expected run time between false alarms is
 ``ert`` events, and each of its ``C`` charts is calibrated to ``ert * C`` (the charts' run lengths are
@@ -71,9 +73,11 @@ STREAM_KINDS = {
 LOG_STREAMS = {"latency_ms", "cpu_ms", "memory_mb", "output_tokens", "input_bytes"}
 Stream = Literal["confidence", "prediction", "latency_ms", "cpu_ms", "memory_mb", "output_tokens", "input_bytes"]
 
+CRITICAL_EXCESS = 1.5  # a statistic this far past its threshold SOON blocks after crossing: critical
+SOON = 8  # blocks after a crossing at which the excess over the threshold is read (severity)
 RECENT = 500  # rows kept per column group to summarise the current window of an alarm
-MIN_REFERENCE = 2 * rank_cusum.BINS - 1
-BLOCK = 8  # events a chart step sums: an eighth of the chart work for at most 7 events more delay  # the smallest reference that fills the bins twice
+MIN_REFERENCE = 2 * rank_cusum.BINS - 1  # the smallest reference that fills the bins twice
+BLOCK = 8  # events a chart step sums: an eighth of the chart work for at most 7 events more delay
 
 
 # -- the charts of a group of columns ------------------------------------------------------------
@@ -124,13 +128,18 @@ class ColumnGroup:
         self.recent_pos = 0
 
     def calibrate(self, arl: float) -> None:
-        """Thresholds for an in-control run length of ``arl`` events (``arl / BLOCK`` blocks)."""
-        self.charts = [msgspec.structs.replace(c, h=rank_cusum.lattice_threshold(c.support(), c.k, arl / BLOCK, BLOCK))
-                       for c in self.charts]
+        """Thresholds for one false alarm per ``arl`` events (``arl / BLOCK`` blocks), averaged over the
+        sampling error of this group's reference (``rank_cusum.reference_threshold``)."""
+        per_bin = self.bins.per_bin
+        self.charts = [msgspec.structs.replace(
+            c, h=rank_cusum.reference_threshold(c.score, c.sign, c.k, arl / BLOCK, BLOCK, per_bin))
+            for c in self.charts]
 
     def update(self, values: np.ndarray) -> list[tuple[int, int, int, float]]:
         """Run the charts over ``values`` (n x columns, no NaN). Returns the alarms as
-        (column, chart, index in ``values`` of the first crossing, excess = statistic / threshold).
+        (column, chart, index in ``values`` of the first crossing, excess = statistic / threshold
+        ``SOON`` blocks after the crossing, or at the batch's end if sooner: a large shift overshoots
+        fast, a small one creeps).
 
         The charts read sums of ``BLOCK`` events' scores: the running sum is taken per event and read
         at block ends, so the charts' work is an eighth of the events'; events short of a block wait
@@ -150,13 +159,13 @@ class ColumnGroup:
             quiet = self.quiet_until > self.seen  # columns still quiet after an earlier alarm
             for c, chart in enumerate(self.charts):
                 total = totals[chart.score] if chart.sign > 0 else -totals[chart.score]
-                first, at, end = rank_cusum.crossings(total, chart.k * BLOCK, chart.h, self.statistics[c])
+                first, soon, end = rank_cusum.crossings(total, chart.k * BLOCK, chart.h, self.statistics[c], SOON)
                 self.statistics[c] = end
                 for j in np.flatnonzero(first >= 0).tolist():
                     index = (int(first[j]) + 1) * BLOCK - 1 - carried  # the block's last event
                     if quiet[j] and self.seen + index < self.quiet_until[j]:
                         continue
-                    excess = max(float(at[j]), float(end[j])) / chart.h
+                    excess = float(soon[j]) / chart.h
                     if j not in found or (index, -excess) < (found[j][1], -found[j][2]):
                         found[j] = (c, index, excess)
             for j in found:
@@ -221,8 +230,11 @@ class KernelScore:
         self.mean = fit.mean(axis=0)
         sd = fit.std(axis=0)
         self.scale = 1.0 / np.where(sd > 0, sd, 1.0)
-        _, _, vt = np.linalg.svd((fit - self.mean) * self.scale, full_matrices=False)
-        self.components = vt[: min(self.COMPONENTS, ref.shape[1])].T.copy()
+        # principal axes from the d x d covariance (an SVD of the n x d matrix is slower and, with
+        # threaded BLAS on a busy machine, can take a second)
+        z = (fit - self.mean) * self.scale
+        _, vectors = np.linalg.eigh(z.T @ z)
+        self.components = vectors[:, ::-1][:, : min(self.COMPONENTS, ref.shape[1])].copy()
         projected = self._project(fit)
         pairs = rng.integers(0, len(projected), size=(512, 2))
         distance = np.linalg.norm(projected[pairs[:, 0]] - projected[pairs[:, 1]], axis=1)
@@ -256,7 +268,8 @@ class Drift(Detector):
         features: bool = True  # a chart set on every feature
         multivariate: bool = True  # and on the kernel score of the whole vector
         classes: bool = True  # predicted-class shares
-        labels: bool = True  # error rate when events carry a label (river DDM)
+        labels: bool = True  # error rate when events carry a label (river ADWIN)
+        label_delta: float = 0.0005  # ADWIN's confidence on the error stream
         streams: list[Stream] = msgspec.field(default_factory=lambda: ["confidence", "latency_ms"])
         method: Literal["cusum", "adwin", "page_hinkley"] = "cusum"  # for the streams
         shifts: list[float] = msgspec.field(default_factory=lambda: [0.5, 2.0])  # mean shifts, in sd
@@ -289,6 +302,8 @@ class Drift(Detector):
                 return "cooldown", f"expected >= 0 events, got {self.cooldown}"
             if not 0 < self.delta < 1:
                 return "delta", f"expected 0 < delta < 1, got {self.delta}"
+            if not 0 < self.label_delta < 1:
+                return "label_delta", f"expected 0 < label_delta < 1, got {self.label_delta}"
             if self.critical_effect <= 0:
                 return "critical_effect", f"expected > 0, got {self.critical_effect}"
             return None
@@ -311,10 +326,12 @@ class Drift(Detector):
         self.class_quiet = np.zeros(0, dtype=np.int64)
         self.class_recent = np.zeros(0)
         self.class_seen = 0
+        self.class_events = 0  # in the reference
         self.charts_total = 0
         self.arl = 0.0
         self.reference_error_rate = math.nan
-        self.ddm = None
+        self.errors_detector = None
+        self.recent_errors = np.zeros(0, dtype=np.int8)
         self.label_quiet = 0
         self.errors_seen = 0
         self.seen = 0
@@ -436,21 +453,23 @@ class Drift(Detector):
                                                   [stream in LOG_STREAMS])
         if p.classes:
             self._build_classes(parts.get("classes", []))
-        errors = _stack(parts.get("errors", []))
+        errors = _stack(parts.get("errors", []), column=True)[:, 0]
         if p.labels:
-            from river.drift.binary import DDM
-            self.ddm = DDM()
+            from river.drift import ADWIN
+            self.errors_detector = ADWIN(delta=p.label_delta)
             if len(errors):
                 self.reference_error_rate = float(errors.mean())
-                for e in errors.tolist():  # DDM's own baseline starts from the reference's errors
-                    self.ddm.update(bool(e))
+                for e in errors.tolist():  # the window starts with the reference's errors
+                    self.errors_detector.update(float(e))
+        # class charts that cannot hold the ERT are dropped below; they are few, so counting them here
+        # errs by a few per cent towards fewer false alarms
         self.charts_total = (sum(len(g.charts) * len(g.names) for g in self.groups.values())
                              + len(self.class_charts))
-        self.arl = float(p.ert) * max(1, self.charts_total)
+        self.arl = rank_cusum.rounded_arl(float(p.ert) * max(1, self.charts_total))
         for group in self.groups.values():
             group.calibrate(self.arl)
-        self.class_charts = [(c, sign, p0, p1, cusum.threshold_for_ert(p0, p1, self.arl))
-                             for c, sign, p0, p1, _ in self.class_charts]
+        self.class_charts = [chart for c, sign, p0, p1, _ in self.class_charts
+                             if (chart := self._class_chart(c, sign, p0, p1)) is not None]
         self.built = True
         log.info("%s: drift reference built from %d events: %d features, %d streams, %d classes, "
                  "%d charts at %.3g events each", self.model, len(features), self.dimension,
@@ -464,11 +483,14 @@ class Drift(Detector):
             log.info("%s: %d predicted classes in the reference, more than max_classes; no class charts",
                      self.model, len(names))
             return
-        n = len(classes)
+        n = self.class_events = len(classes)
         self.classes = names.tolist() + ["__other__"]
         p0 = np.append(counts / n, 0.0)
         p0 = np.clip(p0, 0.5 / n, None)
-        self.class_p0 = p0 / p0.sum()
+        # shares on a grid of 2% steps: far finer than their sampling error, and models with similar
+        # shares share their (cached) calibrations
+        p0 = np.exp(np.round(np.log(p0 / p0.sum()) / 0.02) * 0.02)
+        self.class_p0 = np.minimum(p0, 0.95)
         shift = self.params.class_shift
         charts = []
         for c, share in enumerate(self.class_p0.tolist()):
@@ -478,6 +500,17 @@ class Drift(Detector):
         self.class_charts = charts
         self.class_statistics = np.zeros(len(charts))
         self.class_quiet = np.zeros(len(self.classes), dtype=np.int64)
+
+    def _class_chart(self, c: int, sign: int, p0: float, p1: float) -> tuple[int, int, float, float, float] | None:
+        """The chart with its threshold, its tuning ``p1`` moved away from ``p0`` as far as the share's
+        uncertainty in the reference demands (a small reference cannot tell 10% from 12%), or None
+        when the class is too rare in the reference for any change to be told apart."""
+        p1 = max(p1, cusum.tuning_floor(p0, self.class_events))
+        if p1 >= (1 + p0) / 2:
+            log.info("%s: class %s is too rare in the reference to watch its share %s", self.model,
+                     self.classes[c], "rising" if sign > 0 else "falling")
+            return None
+        return c, sign, p0, p1, cusum.threshold_for_estimated_rate(p0, p1, self.arl, self.class_events)
 
     # -- watching -------------------------------------------------------------------------------
 
@@ -506,10 +539,10 @@ class Drift(Detector):
                     self._run_group(stream, values[rows][:, None], rows, alarms)
         for kind, hits in alarms.items():
             found.append(self._rank_detection(batch, kind, hits))
-        classes = _classes(batch) if self.class_charts or self.ddm is not None else []
+        classes = _classes(batch) if self.class_charts or self.errors_detector is not None else []
         if self.class_charts:
             found.extend(self._watch_classes(batch, classes))
-        if self.ddm is not None:
+        if self.errors_detector is not None:
             found.extend(self._watch_errors(batch, classes))
         return found
 
@@ -538,7 +571,7 @@ class Drift(Detector):
             columns.append(summary)
         excess = max(h[3] for h in hits)
         big = any(abs(c["effect_sd"]) >= self.params.critical_effect for c in columns if c["effect_sd"] == c["effect_sd"])
-        severity = "critical" if excess >= 2 or big else "warning"
+        severity = "critical" if excess >= CRITICAL_EXCESS or big else "warning"
         names = [c["feature"] for c in columns]
         described = "; ".join(_describe(c) for c in columns[:3]) + ("; ..." if len(columns) > 3 else "")
         what = "input" if kind == "feature_drift" else "stream"
@@ -622,12 +655,16 @@ class Drift(Detector):
         errors = _errors(batch, classes)
         labelled = np.flatnonzero(errors >= 0)
         found = []
+        detector = self.errors_detector
         for i in labelled.tolist():  # labels are few: per-event Python is affordable here
-            self.ddm.update(bool(errors[i]))
+            before = detector.estimation
+            detector.update(float(errors[i]))
             self.errors_seen += 1
-            if self.ddm.drift_detected and self.errors_seen >= self.label_quiet:
+            # a change where the recent window's error rate is above the older one's: accuracy fell
+            self.recent_errors = np.append(self.recent_errors[-(RECENT - 1):], errors[i])
+            if detector.drift_detected and detector.estimation > before and self.errors_seen >= self.label_quiet:
                 self.label_quiet = self.errors_seen + max(100, self.params.cooldown // 10)
-                recent = errors[labelled[max(0, np.searchsorted(labelled, i) - 199): np.searchsorted(labelled, i) + 1]]
+                recent = self.recent_errors[-200:]
                 found.append(self._performance_detection(batch, i, float(recent.mean()), len(recent)))
         return found
 
@@ -642,9 +679,9 @@ class Drift(Detector):
             severity="critical" if worse >= 0.2 else "warning", score=round(rate, 4),
             threshold=None if math.isnan(ref) else round(ref, 4),
             summary=(f"error rate on labelled events rose to {rate:.1%} over the last {events}"
-                     + ("" if math.isnan(ref) else f" from {ref:.1%} in the reference") + " (DDM)"),
+                     + ("" if math.isnan(ref) else f" from {ref:.1%} in the reference") + " (ADWIN)"),
             evidence={"features": [], "error_rate": rate, "reference_error_rate": None if math.isnan(ref) else ref,
-                      "labelled_events": events, "method": "DDM",
+                      "labelled_events": events, "method": "ADWIN",
                       "event_ids": [e.event_id for e in batch.events[max(0, index - 9): index + 1]]},
             source={"topic": topic, "partition": partition, "offset": offset})
 

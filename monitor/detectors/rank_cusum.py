@@ -16,24 +16,34 @@ and CUSUM charts (Page 1954) accumulate them, one upward and one downward per sc
 ``S_t`` is the largest sum of ``x - k`` over every window ending at ``t``, so one chart scans all window
 lengths at once; the tuning ``k`` (half the score's mean under the shift the chart is for) decides
 which windows win: a small ``k`` accumulates a small shift over a long window, a large ``k`` reacts to
-a large shift in a few events. Since the scores are integers with a known null law, the in-control
-run length is computed exactly by the Markov chain of Brook & Evans (1972) on the states ``0 .. H-1``,
-with no simulation and no dependence on the data: one calibration serves every feature of every model
-(cached by its parameters). The same chain is what runs, so the ERT holds for the chart as coded; the
-tests check it against simulated and real-model run lengths.
+a large shift in a few events. The charts may read sums of ``block`` events' scores (a chart step per
+block), which divides their work by ``block``.
+
+Since the scores are integers with a known null law, the in-control run length is computed exactly by
+the Markov chain of Brook & Evans (1972) on the states ``0 .. H-1``, with no simulation and no
+dependence on the data (``lattice_threshold``). One thing does depend on the reference: its sampling
+error makes the bins a little unequal, which at a large ERT changes the false-alarm rate of a chart
+tuned to a small shift several-fold. ``reference_threshold`` raises the threshold so that the rate
+averaged over that sampling error (whose law is known, the same for every continuous stream) is the
+nominal one. Both are cached by their parameters: one calibration serves every feature of every
+model with the same reference size. The tests check the chains against simulated and real-model
+run lengths.
 
 >>> H = lattice_threshold(LOCATION, 9, 1000.0)
->>> 950 < lattice_arl(LOCATION, 9, H) and lattice_arl(LOCATION, 9, H - 1) < 1000
+>>> 950 < lattice_arl(LOCATION, 9, H) and lattice_arl(LOCATION, 9, H - 2) < 1000
 True
 """
 
 from __future__ import annotations
 
+import zlib
 from functools import lru_cache
 
 import numpy as np
 from scipy import sparse, stats
 from scipy.sparse import linalg as sparse_linalg
+
+from monitor.detectors.cusum import adjustment
 
 BINS = 64
 LOCATION: tuple[int, ...] = tuple(range(-(BINS - 1), BINS, 2))
@@ -114,6 +124,121 @@ def lattice_threshold(support: tuple[int, ...], k: int, arl: float, block: int =
     return high * g
 
 
+# -- the reference's sampling error -------------------------------------------------------------
+
+DRAWS = 4000  # draws of the reference's spacings (cheap: one root per draw, no chain solve)
+
+
+@lru_cache(maxsize=16)
+def reference_laws(per_bin: int) -> np.ndarray:
+    """Bin probabilities given a reference, one row per draw of the reference. They are the spacings of
+    uniform order statistics ``per_bin`` apart, so Dirichlet(per_bin, ..., per_bin) whatever the data."""
+    return np.random.default_rng(per_bin).dirichlet(np.full(BINS, float(per_bin)), size=DRAWS)
+
+
+def score_laws(p: np.ndarray, score: str, sign: int) -> tuple[np.ndarray, np.ndarray]:
+    """(score values, their probabilities per row of bin probabilities ``p``) for one chart."""
+    location = np.asarray(LOCATION, dtype=np.float64)
+    if score == "spread":
+        values = np.asarray(SPREAD, dtype=np.float64)
+        index = ((np.abs(location) - BINS // 2 - SPREAD[0]) // 2).astype(np.int64)
+        probs = np.zeros((p.shape[0], len(SPREAD)))
+        np.add.at(probs, (slice(None), index), p)
+    else:
+        values, probs = location, p
+    return sign * values, probs
+
+
+def law_arl(p: np.ndarray, score: str, sign: int, k: int, h: int, block: int) -> float:
+    """The chain's run length, in blocks, when the bins have probabilities ``p`` (a drawn reference)."""
+    values, probs = score_laws(p[None, :], score, sign)
+    order = np.argsort(values)
+    values, probs = values[order].astype(np.int64), probs[0][order]
+    pmf = probs
+    for _ in range(block - 1):
+        pmf = np.convolve(pmf, probs)
+    sums = block * values[0] + (values[1] - values[0]) * np.arange(len(pmf), dtype=np.int64)
+    keep = pmf > 1e-300
+    steps = sums[keep] - block * k
+    g = int(np.gcd.reduce(np.abs(steps[steps != 0]))) or 1
+    return _arl(steps // g, pmf[keep], -(-h // g))
+
+
+EXACT = 16  # drawn references whose run length is solved exactly, to correct the approximation
+
+
+@lru_cache(maxsize=256)
+def _run_length_model(score: str, sign: int, k: int, arl: float, block: int,
+                      per_bin: int) -> tuple[int, float, float, np.ndarray]:
+    """(h0, log ARL at h0 for equal bins, theta for equal bins, correction polynomial in theta)."""
+    support = LOCATION if score == "location" else SPREAD
+    h0 = lattice_threshold(support, k, arl, block)
+    values, probs = score_laws(reference_laws(per_bin), score, sign)
+    theta_equal = adjustment(values, np.full((1, len(values)), 1.0 / len(values)), k)[0]
+    theta = adjustment(values, probs, k)
+    log_arl0 = float(np.log(lattice_arl(support, k, h0, block)))
+    # Taking every draw's constant factor as equal bins' one errs (towards shorter run lengths) for
+    # draws far from equal bins: exact chains for draws spread over the range of theta measure the
+    # error, and a quadratic in theta corrects it.
+    laws = reference_laws(per_bin)
+    picked = np.argsort(theta)[np.linspace(0, len(theta) - 1, EXACT).astype(int)]
+    error = [np.log(law_arl(laws[i], score, sign, k, h0, block)) - (log_arl0 + (theta[i] - theta_equal) * h0)
+             for i in picked]
+    return h0, log_arl0, float(theta_equal), np.polyfit(theta[picked], error, 2)
+
+
+def draw_log_arl(p: np.ndarray, score: str, sign: int, k: int, arl: float, block: int, per_bin: int,
+                 h: float) -> np.ndarray:
+    """log run length (blocks) at threshold ``h`` of references whose bins have probabilities ``p``
+    (rows): equal bins' exact one, times ``exp((theta_draw - theta_equal) h)`` (the run length grows
+    as ``exp(theta h)``, see ``adjustment``), corrected by exact chains of a few draws."""
+    return _log_arl(adjustment(*score_laws(p, score, sign), k), score, sign, k, arl, block, per_bin, h)
+
+
+def _log_arl(theta: np.ndarray, score: str, sign: int, k: int, arl: float, block: int, per_bin: int,
+             h: float) -> np.ndarray:
+    h0, log_arl0, theta_equal, correction = _run_length_model(score, sign, k, arl, block, per_bin)
+    return log_arl0 + np.polyval(correction, theta) + theta_equal * (h - h0) + (theta - theta_equal) * h
+
+
+@lru_cache(maxsize=256)
+def reference_threshold(score: str, sign: int, k: int, arl: float, block: int, per_bin: int) -> int:
+    """The threshold whose false-alarm rate, averaged over the sampling error of a reference of
+    ``64·per_bin - 1`` values, is one per ``arl`` blocks.
+
+    With the reference fixed, the bins are not exactly equal: their probabilities are the reference's
+    uniform spacings (``reference_laws``). A chart tuned to a small shift is sensitive to that: at a
+    large ERT, a reference whose middle bins are a little wide can alarm several times more often than
+    the nominal rate. So the threshold for equal bins (exact, by the chain) is raised until the mean
+    rate over 4,000 draws of the spacings is the nominal one, each draw's run length by
+    ``draw_log_arl``; the tests check that against exact chains of other drawn references.
+    """
+    if score == "location" and sign < 0:  # the spacings' law is symmetric: a fall is a mirrored rise
+        return reference_threshold(score, 1, k, arl, block, per_bin)
+    h0 = _run_length_model(score, sign, k, arl, block, per_bin)[0]
+    theta = adjustment(*score_laws(reference_laws(per_bin), score, sign), k)
+
+    def rate(h: float) -> float:  # false alarms per block, averaged over the draws
+        return float(np.mean(np.exp(-_log_arl(theta, score, sign, k, arl, block, per_bin, h))))
+
+    low, high = 1.0, float(h0)
+    while rate(high) > 1 / arl:
+        low, high = high, high * 2
+        if high > 1e7:
+            raise ValueError(f"an ERT of {arl:.3g} is out of reach for a reference this small (per_bin={per_bin})")
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (low, mid) if rate(mid) <= 1 / arl else (mid, high)
+    g = _steps(LOCATION if score == "location" else SPREAD, k, block)[2]
+    return int(-(-high // g) * g)
+
+
+def rounded_arl(arl: float) -> float:
+    """``arl`` rounded to the nearest eighth of an octave (within 4.5%), so that models whose numbers of
+    charts differ a little share their calibrations."""
+    return float(2 ** (np.round(np.log2(arl) * 8) / 8))
+
+
 def location_k(shift_sd: float) -> int:
     """``k`` for the location score, tuned to a mean shift of ``shift_sd`` reference sd of a normal
     stream: half the expected score under that shift (rounded to a whole step)."""
@@ -137,13 +262,15 @@ def _expected_score(support: tuple[int, ...], cdf, spread: bool = False) -> floa
 # -- running ---------------------------------------------------------------------------------------
 
 
-def crossings(total: np.ndarray, k: int, h: int, start: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def crossings(total: np.ndarray, k: int, h: int, start: np.ndarray,
+              soon: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One chart over a batch, every column at once.
 
     ``total`` is the running sum of the increments' scores (columns x steps, int), negated for a
     downward chart, and ``k`` the allowance per step. Lindley's recursion from ``start`` has the closed
     form ``S_t = D_t - min(0, min_{j<=t} D_j)`` with ``D_t = start + total_t - k·(t+1)``. Returns (the
-    step of the first crossing per column or -1, the statistic there, the statistic at the end).
+    step of the first crossing per column or -1, the statistic ``soon`` steps after it (or at the end,
+    if sooner), the statistic at the end).
     """
     steps = total.shape[1]
     d = total - k * np.arange(1, steps + 1, dtype=total.dtype)
@@ -154,7 +281,7 @@ def crossings(total: np.ndarray, k: int, h: int, start: np.ndarray) -> tuple[np.
     over = d >= h
     crossed = over.any(axis=1)
     first = np.where(crossed, over.argmax(axis=1), -1)
-    at = np.where(crossed, d[np.arange(d.shape[0]), np.maximum(first, 0)], 0)
+    at = np.where(crossed, d[np.arange(d.shape[0]), np.minimum(np.maximum(first, 0) + soon, steps - 1)], 0)
     return first, at, d[:, -1].copy()
 
 
@@ -167,7 +294,7 @@ class RankBins:
     A column with ties keeps its whole sorted reference and breaks them at random.
     """
 
-    def __init__(self, reference: np.ndarray, seed: int = 0):
+    def __init__(self, reference: np.ndarray):
         """``reference``: n x m, NaN-free columns (the caller drops rows with NaN)."""
         n = usable_reference_size(reference.shape[0])
         ordered = np.sort(reference[:n], axis=0)
@@ -176,7 +303,9 @@ class RankBins:
         tied = (np.diff(ordered, axis=0) == 0).any(axis=0) if n > 1 else np.zeros(ordered.shape[1], bool)
         self.tied = {int(j): ordered[:, j].copy() for j in np.flatnonzero(tied)}
         self.edges = np.ascontiguousarray(ordered[self.per_bin - 1:: self.per_bin][: BINS - 1].T)
-        self._rng = np.random.default_rng(seed)
+        # Ties are broken by a generator seeded from the reference: the same input gives the same
+        # output (a replay repeats a run), and different references draw independently.
+        self._rng = np.random.default_rng(zlib.crc32(ordered.tobytes()))
 
     def bins(self, values: np.ndarray) -> np.ndarray:
         """The bins (columns x n, int16) of ``values`` (n x columns, no NaN), uniform under no change."""

@@ -1,0 +1,391 @@
+"""The drift detector: rank CUSUM charts calibrated to an ERT, on the inputs and outputs of a real
+scikit-learn model (logistic regression on the digits images: 64 integer pixels, many ties)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+
+import msgspec
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+
+from monitor.detectors import ModelBatch, rank_cusum
+from monitor.detectors.confidence import LowConfidence
+from monitor.detectors.drift import BLOCK, Drift
+from monitor.events import EventDecoder
+
+T0 = 1_764_000_000.0
+
+
+class Rec:
+    def __init__(self, offset: int):
+        self.topic, self.partition, self.offset = "logs", 0, offset
+
+
+class Digits:
+    """The model and its held-out images. Features are the images' pixels (scaled to [0, 1]) with a
+    little sensor noise drawn afresh for every event, so they are continuous and every event is a new
+    one, as in production; the model's probabilities are computed on them."""
+
+    def __init__(self):
+        x, y = load_digits(return_X_y=True)
+        x_train, self.x, y_train, self.y = train_test_split(x / 16.0, y, test_size=0.5, random_state=0)
+        self.model = LogisticRegression(max_iter=3000).fit(x_train, y_train)
+        self.decoder = EventDecoder()
+
+    def lines(self, x: np.ndarray, labels: np.ndarray | None = None) -> list[dict]:
+        probabilities = self.model.predict_proba(np.clip(x, 0, 1))
+        predictions = probabilities.argmax(axis=1).tolist()
+        out = []
+        for i, (row, probs) in enumerate(zip(np.round(x, 5).tolist(), np.round(probabilities, 6).tolist())):
+            event = {"features": row, "probabilities": probs, "prediction": predictions[i], "latency_ms": 20.0}
+            if labels is not None:
+                event["label"] = int(labels[i])
+            out.append(event)
+        return out
+
+    def images(self, rng, n: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` held-out images drawn with replacement (from ``rows`` if given), noise added, and labels."""
+        rows = np.arange(len(self.x)) if rows is None else rows
+        idx = rows[rng.integers(0, len(rows), n)]
+        return self.x[idx] + rng.normal(0, 0.03, (n, self.x.shape[1])), self.y[idx]
+
+    def batch(self, lines: list[dict], start: int = 0, model: str = "digits") -> ModelBatch:
+        events = [self.decoder.decode(msgspec.json.encode(
+            {"event_id": f"e{start + i}", "ts": T0 + (start + i) * 0.01, "model": model, **line}))
+            for i, line in enumerate(lines)]
+        return ModelBatch(model, events, [Rec(start + i) for i in range(len(events))])
+
+
+@pytest.fixture(scope="module")
+def digits() -> Digits:
+    return Digits()
+
+
+def draw(digits: Digits, rng, n: int, start: int = 0) -> ModelBatch:
+    """A stream with no change: held-out images drawn with replacement, each with fresh noise."""
+    return digits.batch(digits.lines(digits.images(rng, n)[0]), start)
+
+
+def armed(digits, rng, ert=100_000, size=1023, **params) -> Drift:
+    d = Drift("digits", Drift.Params(ert=ert, reference_size=size, **params))
+    assert d.update(draw(digits, rng, size)) == []
+    assert d.built
+    return d
+
+
+# -- the chart and its calibration ----------------------------------------------------------------
+
+@pytest.mark.parametrize("support, k, sign", [(rank_cusum.LOCATION, 9, 1), (rank_cusum.SPREAD, 4, -1)])
+def test_chart_run_length_without_change_matches_its_markov_chain(support, k, sign):
+    rng = np.random.default_rng(k)
+    arl = 300.0
+    h = rank_cusum.lattice_threshold(support, k, arl, BLOCK)
+    values = np.asarray(support, dtype=np.int32)[rng.integers(0, len(support), (500, 200 * BLOCK * 40))]
+    total = sign * np.cumsum(values, axis=1, dtype=np.int32)[:, BLOCK - 1:: BLOCK]
+    first, _, _ = rank_cusum.crossings(total, k * BLOCK, h, np.zeros(500, dtype=np.int64))
+    assert (first >= 0).all()
+    assert np.mean(first + 1) == pytest.approx(rank_cusum.lattice_arl(support, k, h, BLOCK), rel=0.15)
+    assert rank_cusum.lattice_arl(support, k, h, BLOCK) >= arl > rank_cusum.lattice_arl(support, k, h - 2, BLOCK)
+
+
+def exact_arl(p: np.ndarray, score: str, sign: int, k: int, h: int) -> float:
+    return rank_cusum.law_arl(p, score, sign, k, h, BLOCK)
+
+
+@pytest.mark.parametrize("score, sign, k", [("location", 1, 9), ("location", -1, 9), ("spread", 1, 4),
+                                             ("spread", -1, 4)])
+def test_at_a_large_ert_the_false_alarm_rate_averaged_over_references_is_the_nominal_one(score, sign, k):
+    """A reference's bins have the probabilities of uniform spacings; at a per-chart run length of 5
+    million blocks (ERT 100,000 events over 400 charts) that matters. Two checks on references drawn
+    afresh: (1) the run length the calibration assumes for a reference is the exact chain's; (2) with
+    it, over 20,000 references, the calibrated threshold alarms at the nominal rate on average, where
+    the threshold for equal bins alone alarms several times too often."""
+    per_bin, arl = 15, 5e6
+    args = (score, sign, k, arl, BLOCK, per_bin)
+    h = rank_cusum.reference_threshold(*args)
+    h0 = rank_cusum.lattice_threshold(rank_cusum.LOCATION if score == "location" else rank_cusum.SPREAD,
+                                      k, arl, BLOCK)
+    rng = np.random.default_rng(99)
+    few = rng.dirichlet(np.full(rank_cusum.BINS, float(per_bin)), size=12)
+    for at in (h0, h):
+        exact = np.log([exact_arl(p, score, sign, k, at) for p in few])
+        assert np.abs(rank_cusum.draw_log_arl(few, *args, at) - exact).max() < 0.1  # within 10%
+    many = rng.dirichlet(np.full(rank_cusum.BINS, float(per_bin)), size=20_000)
+    rate = np.mean(np.exp(-rank_cusum.draw_log_arl(many, *args, h))) * arl
+    naive = np.mean(np.exp(-rank_cusum.draw_log_arl(many, *args, h0))) * arl
+    print(f"{score} {sign:+d}: rate x{rate:.2f} of nominal with h={h}, x{naive:.2f} with h={h0}")
+    assert 0.8 < rate < 1.25
+    assert naive > 2
+
+
+def test_the_vectorised_chart_is_the_recursion_carried_across_batches():
+    rng = np.random.default_rng(1)
+    x = rng.integers(-20, 25, size=3000)
+    k, h = 3, 400
+    expected, s = [], 0
+    for i, v in enumerate(x):
+        s = max(0, s + v - k)
+        expected.append(s)
+    start, got = np.zeros(1, dtype=np.int64), []
+    for piece in np.array_split(x, 7):
+        total = np.cumsum(piece)[None, :]
+        first, _, end = rank_cusum.crossings(total, k, 10**9, start)
+        d = total[0] - k * np.arange(1, len(piece) + 1) + start[0]
+        got.extend((d - np.minimum(np.minimum.accumulate(d), 0)).tolist())
+        start = end
+    assert got == expected
+    first, at, _ = rank_cusum.crossings(np.cumsum(x)[None, :], k, h, np.zeros(1, dtype=np.int64))
+    assert first[0] == next(i for i, v in enumerate(expected) if v >= h) and at[0] == expected[first[0]]
+
+
+def test_bins_are_uniform_without_change_even_for_pixels_full_of_ties(digits):
+    """Each run draws its own reference; the bins' shares, averaged over runs, are 1/64 each (runs are
+    independent, so the standard error comes from their spread)."""
+    rng = np.random.default_rng(2)
+    shares = []
+    for _ in range(300):
+        ref = digits.x[rng.integers(0, len(digits.x), 1023)] * 16  # the raw pixels: 17 levels
+        new = digits.x[rng.integers(0, len(digits.x), 200)] * 16
+        shares.append(np.bincount(rank_cusum.RankBins(ref).bins(new).ravel(), minlength=rank_cusum.BINS))
+    shares = np.asarray(shares, dtype=float) / (200 * 64)
+    error = shares.std(axis=0) / np.sqrt(len(shares))
+    assert np.all(np.abs(shares.mean(axis=0) - 1 / rank_cusum.BINS) < 4.5 * error)
+    # the ties matter: ranking them all below (no random order) is far from uniform
+    column = np.sort(digits.x[:1023, 10])
+    plain = np.searchsorted(column, digits.x[:, 10], side="left") // 16
+    assert np.bincount(plain, minlength=64).max() > 5 * len(plain) / 64
+
+
+def test_calibration_depends_on_parameters_only_and_is_cached(digits):
+    rank_cusum.lattice_threshold.cache_clear()
+    rng = np.random.default_rng(3)
+    first = armed(digits, rng)
+    misses = rank_cusum.lattice_threshold.cache_info().misses
+    second = armed(digits, rng)
+    assert rank_cusum.lattice_threshold.cache_info().misses == misses  # the second model reused them
+    assert [c.h for c in first.groups["features"].charts] == [c.h for c in second.groups["features"].charts]
+
+
+# -- false alarms at the ERT, on the real model's stream ------------------------------------------
+
+def test_real_model_events_per_false_alarm_match_the_ert(digits):
+    """200 runs, each with its own reference drawn from the held-out images and a stream drawn from the
+    same images: every feature, the kernel score, the confidence and the class shares are watched,
+    and the charts re-arm at once after an alarm. The thresholds set the false-alarm rate averaged
+    over references (see rank_cusum.reference_threshold), so the events per false alarm, pooled over
+    the runs, match the ERT."""
+    ert, runs, horizon = 400, 200, 6 * 400
+    rng = np.random.default_rng(4)
+    alarms, first = 0, []
+    for _ in range(runs):
+        d = armed(digits, rng, ert=ert, streams=["confidence"], labels=False, cooldown=0)
+        times = []
+        for start in range(0, horizon, 200):  # small batches: a column alarms at most once a batch
+            for f in d.update(draw(digits, rng, 200, 10_000 + start)):
+                # a detection lists every column (or class) whose chart alarmed in the batch
+                times += [f.source["offset"] - 10_000 + 1] * len(f.evidence.get("columns") or f.evidence["classes"])
+        alarms += len(times)
+        first.append(min(times, default=horizon))
+    per_alarm = runs * horizon / alarms
+    first = np.asarray(first, dtype=float)
+    print(f"events per false alarm {per_alarm:.0f}; first alarm: mean {first.mean():.0f}, "
+          f"P(RL <= mean) {np.mean(first <= first.mean()):.3f}, sd/mean {first.std() / first.mean():.2f}")
+    assert per_alarm == pytest.approx(ert, rel=0.30)
+    # close to geometric: P(RL <= mean) near 1 - 1/e, and a spread near the mean
+    assert np.mean(first <= first.mean()) == pytest.approx(1 - np.exp(-1), abs=0.08)
+    assert 0.6 < first.std() / first.mean() < 1.3
+
+
+# -- changes are found and explained ----------------------------------------------------------------
+
+def test_shifted_pixels_are_detected_and_named(digits):
+    rng = np.random.default_rng(5)
+    d = armed(digits, rng)
+    assert d.update(draw(digits, rng, 3000, start=2000)) == []
+    x, _ = digits.images(rng, 1000)
+    x[:, [19, 20, 21]] += 0.3  # a smudge on three pixels of every image
+    found = d.update(digits.batch(digits.lines(x), start=5000))
+    drift = [f for f in found if f.kind == "feature_drift"]
+    assert drift, [f.summary for f in found]
+    named = set(drift[0].evidence["features"]) - {"multivariate"}
+    assert named and named <= {"f19", "f20", "f21"}
+    column = next(c for c in drift[0].evidence["columns"] if c["feature"] in named)
+    assert column["current"]["mean"] > column["reference"]["mean"] and column["effect_sd"] > 0
+    assert drift[0].source["offset"] - 5000 < 300  # found within a few hundred events
+
+
+def test_a_prior_shift_is_detected_on_the_class_shares(digits):
+    rng = np.random.default_rng(6)
+    d = armed(digits, rng, features=False, multivariate=False, streams=[])
+    mixed = np.concatenate([digits.images(rng, 700)[0], digits.images(rng, 300, np.flatnonzero(digits.y == 7))[0]])
+    rng.shuffle(mixed)
+    found = d.update(digits.batch(digits.lines(mixed), start=2000))
+    assert [f.kind for f in found] == ["prediction_drift"]
+    shares = found[0].evidence["classes"]
+    assert shares["7"]["direction"] == "up" and shares["7"]["current"] > 2 * shares["7"]["reference"]
+
+
+def test_a_low_confidence_surge_is_detected_by_both_detectors(digits):
+    rng = np.random.default_rng(7)
+    d = armed(digits, rng, features=False, multivariate=False, classes=False, streams=["confidence"])
+    c = LowConfidence("digits", LowConfidence.Params(reference_size=1023))
+    c.update(draw(digits, rng, 1023))
+    noisy = digits.images(rng, 1500)[0] + rng.normal(0, 0.3, (1500, 64))
+    batch = digits.batch(digits.lines(noisy), start=3000)
+    found = d.update(batch)
+    assert [(f.kind, f.evidence["features"]) for f in found] == [("prediction_drift", ["confidence"])]
+    assert found[0].evidence["columns"][0]["effect_sd"] < 0  # confidence fell
+    assert [f.kind for f in c.update(batch)][:1] == ["low_confidence_spike"]
+
+
+def test_broken_correlations_are_seen_by_the_multivariate_chart_alone():
+    """Two features that move together in the reference and against each other later: each feature's
+    own distribution is unchanged, the vector's is not."""
+    rng = np.random.default_rng(8)
+    decoder = EventDecoder()
+
+    def batch(rho: float, n: int, start: int) -> ModelBatch:
+        z = rng.normal(size=(n, 2))
+        x = np.c_[z[:, 0], rho * z[:, 0] + np.sqrt(1 - rho**2) * z[:, 1], rng.normal(size=(n, 2))]
+        events = [decoder.decode(json.dumps({"event_id": f"e{start + i}", "ts": T0 + start + i, "model": "m",
+                                             "features": row.round(5).tolist()}).encode()) for i, row in enumerate(x)]
+        return ModelBatch("m", events, [Rec(start + i) for i in range(n)])
+
+    reference, calm, broken = batch(0.9, 2047, 0), batch(0.9, 3000, 2047), batch(-0.9, 3000, 5047)
+    whole = Drift("m", Drift.Params(ert=100_000, streams=[], reference_size=2047, features=False))
+    alone = Drift("m", Drift.Params(ert=100_000, streams=[], reference_size=2047, multivariate=False))
+    for d in (whole, alone):
+        d.update(reference)
+        d.update(calm)
+    found = whole.update(broken)
+    assert found and found[0].evidence["features"] == ["multivariate"]
+    assert found[0].source["offset"] - 5047 < 500
+    assert alone.update(broken) == []  # no single feature changed
+
+
+def test_a_rise_of_the_error_rate_on_labelled_events_is_detected(digits):
+    rng = np.random.default_rng(9)
+    lines = digits.lines(digits.x, digits.y)
+    d = Drift("digits", Drift.Params(reference_size=1023, features=False, multivariate=False, classes=False,
+                                     streams=[]))
+    d.update(digits.batch([lines[i] for i in rng.integers(0, len(lines), 1023)]))
+    calm = [lines[i] for i in rng.integers(0, len(lines), 2000)]
+    assert d.update(digits.batch(calm, start=1023)) == []
+    wrong = [dict(lines[i], label=(lines[i]["label"] + 1) % 10) if rng.random() < 0.3 else lines[i]
+             for i in rng.integers(0, len(lines), 2000)]
+    found = d.update(digits.batch(wrong, start=3023))
+    assert [f.kind for f in found][:1] == ["performance_drift"]
+    assert found[0].evidence["error_rate"] > found[0].evidence["reference_error_rate"] + 0.05
+
+
+def test_severity_grows_with_the_excess_over_the_threshold(digits):
+    rng = np.random.default_rng(10)
+
+    def first_drift(delta: float) -> object:
+        d = armed(digits, rng, streams=[], classes=False, multivariate=False)
+        x, _ = digits.images(rng, 4000)
+        x[:, 36] += delta
+        return next(f for f in d.update(digits.batch(digits.lines(x), start=2000)) if f.kind == "feature_drift")
+
+    small, large = first_drift(0.05), first_drift(0.5)
+    assert small.score < large.score
+    assert (small.severity, large.severity) == ("warning", "critical")
+
+
+def test_after_an_alarm_a_column_is_quiet_for_its_cooldown_then_rearms(digits):
+    rng = np.random.default_rng(11)
+    d = armed(digits, rng, streams=[], classes=False, multivariate=False, cooldown=2000)
+    x, _ = digits.images(rng, 6000)
+    x[:, 43] += 0.4
+    lines = digits.lines(x)
+    found = [f for start in range(0, 6000, 500)
+             for f in d.update(digits.batch(lines[start: start + 500], start=2000 + start)) if f.kind == "feature_drift"]
+    at = [f.source["offset"] - 2000 for f in found if "f43" in f.evidence["features"]]
+    assert len(at) >= 2 and all(b - a > 2000 for a, b in zip(at, at[1:]))
+
+
+def test_a_feature_vector_of_another_dimension_is_reported_not_compared(digits):
+    rng = np.random.default_rng(12)
+    d = armed(digits, rng)
+    lines = [dict(line, features=line["features"][:32]) for line in digits.lines(digits.images(rng, 50)[0])]
+    found = d.update(digits.batch(lines, start=2000))
+    assert [(f.kind, f.evidence["dimension"], f.evidence["reference_dimension"]) for f in found
+            if "dimension" in f.evidence] == [("feature_drift", 32, 64)]
+
+
+# -- the reference: from a file, kept across restarts, memory bounded ------------------------------
+
+def reference_file(tmp_path, digits, rng, name="ref.jsonl"):
+    path = tmp_path / name
+    with path.open("w") as f:
+        for i, line in enumerate(digits.lines(digits.images(rng, 1100)[0])):
+            f.write(json.dumps({"event_id": f"r{i}", "ts": T0, "model": "digits", **line}) + "\n")
+        f.write(json.dumps({"event_id": "other", "ts": T0, "model": "another", "features": [1, 2]}) + "\n")
+    return path
+
+
+def test_a_reference_file_arms_the_detector_before_the_first_event(tmp_path, digits):
+    rng = np.random.default_rng(13)
+    path = reference_file(tmp_path, digits, rng)
+    d = Drift("digits", Drift.Params(reference=str(path), reference_size=1023))
+    x, _ = digits.images(rng, 1500)
+    x[:, 27] += 0.4
+    found = d.update(digits.batch(digits.lines(x)))
+    assert d.learned == 0 and d.reference_id.startswith(str(path))
+    assert any("f27" in f.evidence["features"] for f in found)
+
+    np.save(tmp_path / "ref.npy", digits.images(rng, 1023)[0])
+    from_matrix = Drift("digits", Drift.Params(reference=str(tmp_path / "ref.npy"), reference_size=1023,
+                                               streams=[], classes=False))
+    assert any("f27" in f.evidence["features"] for f in from_matrix.update(digits.batch(digits.lines(x))))
+
+    c = LowConfidence("digits", LowConfidence.Params(reference=str(path), reference_size=1023))
+    c.update(digits.batch(digits.lines(x[:10])))
+    assert c.h is not None and c.reference_id.startswith(str(path))
+
+
+def test_a_reference_file_without_the_model_falls_back_to_learning_with_an_error(tmp_path, digits, caplog):
+    rng = np.random.default_rng(14)
+    path = reference_file(tmp_path, digits, rng)
+    d = Drift("fraud", Drift.Params(reference=str(path), reference_size=1023))
+    with caplog.at_level(logging.ERROR, logger="inferwatch.detectors.drift"):
+        d.update(digits.batch(digits.lines(digits.images(rng, 100)[0]), model="fraud"))
+    assert "no events of model 'fraud'" in caplog.text and "another" in caplog.text
+    assert d.learned == 100 and not d.built
+
+
+def test_a_restart_keeps_the_reference_and_a_changed_file_rebuilds_it(tmp_path, digits):
+    rng = np.random.default_rng(15)
+    learnt = armed(digits, rng)
+    restored = Drift("digits", learnt.params)
+    restored.restore(pickle.loads(pickle.dumps(learnt.state())))
+    assert restored.built and restored.learned == 1023
+    assert np.array_equal(restored.groups["features"].bins.edges, learnt.groups["features"].bins.edges)
+
+    path = reference_file(tmp_path, digits, rng)
+    first = Drift("digits", Drift.Params(reference=str(path), reference_size=1023))
+    first.update(draw(digits, rng, 10))
+    state = pickle.loads(pickle.dumps(first.state()))
+    same = Drift("digits", first.params)
+    same.restore(state)
+    assert same.built
+    path.write_text(path.read_text().replace('"latency_ms": 20.0', '"latency_ms": 21.0'))
+    changed = Drift("digits", first.params)
+    changed.restore(state)
+    assert not changed.built  # the file changed: the reference is built anew from it
+
+
+def test_memory_stays_bounded_as_events_flow(digits):
+    rng = np.random.default_rng(16)
+    d = armed(digits, rng)
+    d.update(draw(digits, rng, 5000, start=2000))
+    size = len(pickle.dumps(d.state()))
+    for k in range(4):
+        d.update(draw(digits, rng, 5000, start=10_000 + k * 5000))
+    assert len(pickle.dumps(d.state())) < size * 1.05
