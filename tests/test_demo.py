@@ -20,6 +20,7 @@ def test_demo_detects_the_injected_incidents_and_counts_the_malformed_messages(t
     assert "incident injected: cancer latency x8" in out
     # the drift of digits and the latency regression of cancer are both reported, each as one line
     assert re.search(r"digits\s+prediction_drift\s+confidence fell", out), out
+    assert re.search(r"digits\s+feature_drift\s+\d+ input columns? drifted", out), out
     assert re.search(r"cancer\s+latency_anomaly\s+latency_ms rose", out), out
     # every message sent was consumed, and the malformed ones are dead letters, counted by reason
     sent = re.search(r"events sent (\d+) \(malformed (\d+)\), consumed (\d+)", out)

@@ -336,6 +336,8 @@ class Drift(Detector):
         self.errors_seen = 0
         self.seen = 0
         self.ignored_rows = 0  # feature vectors of another dimension than the reference's
+        self.family_quiet: dict[str, int] = {}  # family -> event count until which it is not reported
+        self.suppressed: dict[str, int] = {}  # column alarms not reported, within a family's cooldown
         self.dimension_quiet = 0
         self.river = None
         if params.method != "cusum" and params.streams:
@@ -510,7 +512,12 @@ class Drift(Detector):
             log.info("%s: class %s is too rare in the reference to watch its share %s", self.model,
                      self.classes[c], "rising" if sign > 0 else "falling")
             return None
-        return c, sign, p0, p1, cusum.threshold_for_estimated_rate(p0, p1, self.arl, self.class_events)
+        try:
+            return c, sign, p0, p1, cusum.threshold_for_estimated_rate(p0, p1, self.arl, self.class_events)
+        except ValueError as exc:
+            log.info("%s: no chart for class %s %s: %s", self.model, self.classes[c],
+                     "rising" if sign > 0 else "falling", exc)
+            return None
 
     # -- watching -------------------------------------------------------------------------------
 
@@ -537,8 +544,15 @@ class Drift(Detector):
                 rows = np.flatnonzero(~np.isnan(values))
                 if rows.size:
                     self._run_group(stream, values[rows][:, None], rows, alarms)
-        for kind, hits in alarms.items():
-            found.append(self._rank_detection(batch, kind, hits))
+        for family, hits in alarms.items():
+            # one report per family (the features, or one stream) and cooldown: a drift makes columns
+            # alarm one after another, and that is one incident, not dozens
+            at = self.seen + min(h[2] for h in hits)
+            if at < self.family_quiet.get(family, 0):
+                self.suppressed[family] = self.suppressed.get(family, 0) + len(hits)
+                continue
+            self.family_quiet[family] = at + self.params.cooldown
+            found.append(self._rank_detection(batch, self.groups[hits[0][0]].kinds[hits[0][1]], hits))
         classes = _classes(batch) if self.class_charts or self.errors_detector is not None else []
         if self.class_charts:
             found.extend(self._watch_classes(batch, classes))
@@ -551,9 +565,10 @@ class Drift(Detector):
         group = self.groups[name]
         before = group.seen
         hits = group.update(values)
+        family = "features" if name == "multivariate" else name
         for column, chart, index, excess in hits:
             group.quiet([column], before + index + 1 + self.params.cooldown)
-            alarms.setdefault(group.kinds[column], []).append((name, column, int(rows[index]), excess, chart))
+            alarms.setdefault(family, []).append((name, column, int(rows[index]), excess, chart))
 
     def _rank_detection(self, batch: ModelBatch, kind: str, hits: list[tuple]) -> Detection:
         hits = sorted(hits, key=lambda h: -h[3])
@@ -574,14 +589,14 @@ class Drift(Detector):
         severity = "critical" if excess >= CRITICAL_EXCESS or big else "warning"
         names = [c["feature"] for c in columns]
         described = "; ".join(_describe(c) for c in columns[:3]) + ("; ..." if len(columns) > 3 else "")
-        what = "input" if kind == "feature_drift" else "stream"
+        if kind == "feature_drift":
+            described = f"{len(names)} input {'column' if len(names) == 1 else 'columns'} drifted: {described}"
         topic, partition, offset = batch.source(index)
         return make_detection(
             detector=self.name, kind=kind, model=self.model, window_start=float(event.ts),
             subject=",".join(sorted(names)), ts=float(event.ts), model_version=event.model_version,
             severity=severity, score=round(excess, 4), threshold=1.0,
-            summary=(f"{len(names)} {what} {'column' if len(names) == 1 else 'columns'} drifted: {described} "
-                     f"(rank CUSUM, ERT {self.params.ert:,.0f} events)"),
+            summary=f"{described} (rank CUSUM, ERT {self.params.ert:,.0f} events)",
             evidence={"features": names, "columns": columns, "ert": self.params.ert,
                       "charts": self.charts_total, "reference": self.reference_id,
                       "window": [float(batch.events[max(0, index - RECENT + 1)].ts), float(event.ts)],
@@ -629,6 +644,11 @@ class Drift(Detector):
         if not hits:
             return []
         at = min(h[0] for h in hits)
+        position = self.class_seen - len(rows) + at
+        if position < self.family_quiet.get("classes", 0):  # one incident, not one report per class
+            self.suppressed["classes"] = self.suppressed.get("classes", 0) + len(hits)
+            return []
+        self.family_quiet["classes"] = position + self.params.cooldown
         index = rows[at]
         event = batch.events[index]
         recent = self.class_recent
@@ -692,6 +712,7 @@ class Drift(Detector):
             "reference": self.reference_id, "features": self.dimension, "charts": self.charts_total,
             "chart_run_length": self.arl, "classes": self.classes[:-1],
             "alarms": {name: g.alarms for name, g in self.groups.items()},
+            "alarms_within_cooldown": dict(self.suppressed),
         })
         return out
 
@@ -705,7 +726,8 @@ def _describe(c: dict[str, Any]) -> str:
     ref, now = c["reference"]["mean"], c["current"]["mean"]
     if c["chart"].startswith("spread"):
         return f"{c['feature']} spread x{c['sd_ratio']:.2f}"
-    return f"{c['feature']} mean {ref:.4g} -> {now:.4g} ({c['effect_sd']:+.2f} sd)"
+    direction = "rose" if c["effect_sd"] > 0 else "fell"
+    return f"{c['feature']} {direction} from {ref:.4g} to {now:.4g} ({c['effect_sd']:+.2f} sd)"
 
 
 def _stream_values(batch: ModelBatch, stream: str) -> np.ndarray:
