@@ -158,11 +158,8 @@ class LowConfidence(Detector):
     # -- the batch -----------------------------------------------------------------------------
 
     def restore(self, state: dict[str, Any]) -> None:
-        wanted = reference_file.identity(self.params.reference) if self.params.reference else "stream"
-        if state.get("reference_id", "stream") != wanted:
-            log.info("%s: the configured reference changed since the checkpoint; building it anew", self.model)
-            return
-        super().restore(state)
+        if reference_file.still_valid(state, self.params.reference, self.model):
+            super().restore(state)
 
     def _learn_from_file(self) -> None:
         path = self.params.reference

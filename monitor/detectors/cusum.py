@@ -176,12 +176,18 @@ def threshold_for_estimated_rate(p0: float, p1: float, ert: float, n: int, draws
     def rate(h: float) -> float:
         return float(np.mean(np.exp(-(log_arl0 + theta0 * (h - h0) + (theta - theta0) * h))))
 
-    low, high = step, h0
-    while rate(high) > 1 / ert:
+    return threshold_for_rate(rate, 1 / ert, step, h0, 1e6)
+
+
+def threshold_for_rate(rate, target: float, low: float, start: float, limit: float) -> float:
+    """The smallest threshold (within 1e-9 relative) whose ``rate(h)``, decreasing in ``h``, is at most
+    ``target``: a doubling from ``start``, then a bisection."""
+    high = start
+    while rate(high) > target:
         low, high = high, high * 2
-        if high > 1e6:
-            raise ValueError(f"an ERT of {ert:.3g} is out of reach with a rate estimated from {n} events")
+        if high > limit:
+            raise ValueError(f"a false-alarm rate of {target:.3g} is out of reach (threshold beyond {limit:g})")
     for _ in range(60):
         mid = (low + high) / 2
-        low, high = (low, mid) if rate(mid) <= 1 / ert else (mid, high)
+        low, high = (low, mid) if rate(mid) <= target else (mid, high)
     return high

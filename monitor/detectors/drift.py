@@ -359,11 +359,8 @@ class Drift(Detector):
     # -- state ----------------------------------------------------------------------------------
 
     def restore(self, state: dict[str, Any]) -> None:
-        wanted = reference_file.identity(self.params.reference) if self.params.reference else "stream"
-        if state.get("reference_id", "stream") != wanted:
-            log.info("%s: the configured reference changed since the checkpoint; building it anew", self.model)
-            return
-        super().restore(state)
+        if reference_file.still_valid(state, self.params.reference, self.model):
+            super().restore(state)
 
     # -- the stream -----------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ import numpy as np
 from scipy import sparse, stats
 from scipy.sparse import linalg as sparse_linalg
 
-from monitor.detectors.cusum import adjustment
+from monitor.detectors.cusum import adjustment, threshold_for_rate
 
 BINS = 64
 LOCATION: tuple[int, ...] = tuple(range(-(BINS - 1), BINS, 2))
@@ -221,14 +221,7 @@ def reference_threshold(score: str, sign: int, k: int, arl: float, block: int, p
     def rate(h: float) -> float:  # false alarms per block, averaged over the draws
         return float(np.mean(np.exp(-_log_arl(theta, score, sign, k, arl, block, per_bin, h))))
 
-    low, high = 1.0, float(h0)
-    while rate(high) > 1 / arl:
-        low, high = high, high * 2
-        if high > 1e7:
-            raise ValueError(f"an ERT of {arl:.3g} is out of reach for a reference this small (per_bin={per_bin})")
-    for _ in range(40):
-        mid = (low + high) / 2
-        low, high = (low, mid) if rate(mid) <= 1 / arl else (mid, high)
+    high = threshold_for_rate(rate, 1 / arl, 1.0, float(h0), 1e7)
     g = _steps(LOCATION if score == "location" else SPREAD, k, block)[2]
     return int(-(-high // g) * g)
 

@@ -41,6 +41,15 @@ def identity(path: str) -> str:
     return f"{os.path.abspath(path)}#{_digest(os.path.abspath(path), os.stat(path).st_mtime_ns)}"
 
 
+def still_valid(state: dict, path: str | None, model: str) -> bool:
+    """Whether a checkpointed detector state was built from the reference now configured."""
+    wanted = identity(path) if path and check_path(path) is None else "stream"
+    if state.get("reference_id", "stream") == wanted:
+        return True
+    log.info("%s: the configured reference changed since the checkpoint; building it anew", model)
+    return False
+
+
 @lru_cache(maxsize=32)
 def _digest(path: str, mtime_ns: int) -> str:
     h = hashlib.sha256()

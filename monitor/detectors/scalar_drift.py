@@ -38,20 +38,9 @@ import logging
 
 from monitor.detections import Detection, make_detection
 from monitor.detectors import Detector, ModelBatch
+from monitor.detectors.drift import LOG_STREAMS, STREAM_KINDS, Stream
 
 log = logging.getLogger("inferwatch.detectors.drift")
-
-STREAM_KINDS = {
-    "confidence": "prediction_drift",
-    "prediction": "prediction_drift",
-    "latency_ms": "latency_anomaly",
-    "cpu_ms": "resource_anomaly",
-    "memory_mb": "resource_anomaly",
-    "output_tokens": "resource_anomaly",
-    "input_bytes": "payload_anomaly",
-}
-LOG_STREAMS = {"latency_ms", "cpu_ms", "memory_mb", "output_tokens", "input_bytes"}
-Stream = Literal["confidence", "prediction", "latency_ms", "cpu_ms", "memory_mb", "output_tokens", "input_bytes"]
 
 _RECENT = 1024  # values kept per stream to summarise the current window of an alarm
 
