@@ -43,8 +43,13 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
 
 def test_events_dead_letters_detections_and_commits(broker, tmp_path, daemons):
     topics = broker.topics("flow")
+    # The reference comes from a file: read from three partitions at once, a backlog does not arrive
+    # in event-time order, so the first events received would mix times before and after the change.
+    reference = tmp_path / "reference.jsonl"
+    reference.write_bytes(b"\n".join(drifting_stream(2000, change_at=10**9, seed=8)) + b"\n")
     config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state",
-                          limits={"max_features": 8, "max_message_bytes": 2048})
+                          limits={"max_features": 8, "max_message_bytes": 2048},
+                          detectors={"drift": {"reference": str(reference)}})
     good = drifting_stream(6000, change_at=4000)
     bad = list(MALFORMED)
     values = good[:3000] + bad + good[3000:]
@@ -81,7 +86,10 @@ def test_events_dead_letters_detections_and_commits(broker, tmp_path, daemons):
     assert first["detector"] == "drift" and first["kind"] == "prediction_drift"
     assert first["model"] == "fraud" and first["severity"] in ("warning", "critical")
     assert first["ts"] >= event(4000)["ts"], "no alarm before the change"
-    assert first["evidence"]["reference"]["mean"] > first["evidence"]["current"]["mean"]
+    column = first["evidence"]["columns"][0]
+    assert first["evidence"]["features"] == ["confidence"]
+    assert column["reference"]["mean"] > column["current"]["mean"]
+    assert first["evidence"]["reference"].startswith(str(reference))
     assert first["atlas"] and first["source"]["topic"] == topics["logs"]
     assert d.metric("inferwatch_detections_total", model="fraud", detector="drift",
                     kind="prediction_drift", severity=first["severity"]) >= 1
