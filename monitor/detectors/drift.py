@@ -9,7 +9,9 @@ What is watched, per model (each part can be switched off):
 - **the feature vector as a whole**: each event's kernel score against the reference (the cross term
   of the MMD, ``mean_r k(x, r)``, on random Fourier features of the reference's top principal
   components), ranked among the scores of held-out reference events, with the same charts. It sees
-  changes no single feature shows, such as broken correlations;
+  changes no single feature shows when they move events to where the reference is sparse (a
+  correlation that reverses, events off the reference's principal subspace); a correlation appearing
+  between independent features barely moves it (bench/RESULTS.md);
 - **the predicted classes**: a Bernoulli CUSUM (``monitor.detectors.cusum``) per class for its share
   rising or falling by a factor ``class_shift`` (a class unseen in the reference counts as
   ``__other__``);
@@ -276,6 +278,7 @@ class Drift(Detector):
         spread: float | None = 1.5  # sd ratio the spread charts are tuned to; null: no spread charts
         class_shift: float = 1.5  # a class share rising or falling by this factor
         max_classes: int = 50
+        sample_every: int = 4  # the feature charts read one event in this many (1: every event)
         cooldown: int = 5000  # events of quiet for a column after its alarm
         critical_effect: float = 2.0  # a shift of this many reference sd is critical
         # river's detectors, for method adwin or page_hinkley
@@ -300,6 +303,8 @@ class Drift(Detector):
                 return "max_classes", f"expected at least 2, got {self.max_classes}"
             if self.cooldown < 0:
                 return "cooldown", f"expected >= 0 events, got {self.cooldown}"
+            if not 1 <= self.sample_every <= 1000:
+                return "sample_every", f"expected 1 to 1000, got {self.sample_every}"
             if not 0 < self.delta < 1:
                 return "delta", f"expected 0 < delta < 1, got {self.delta}"
             if not 0 < self.label_delta < 1:
@@ -336,6 +341,7 @@ class Drift(Detector):
         self.errors_seen = 0
         self.seen = 0
         self.ignored_rows = 0  # feature vectors of another dimension than the reference's
+        self.sample_position = 0  # events since the last one whose features were charted, mod sample_every
         self.family_quiet: dict[str, int] = {}  # family -> event count until which it is not reported
         self.suppressed: dict[str, int] = {}  # column alarms not reported, within a family's cooldown
         self.dimension_quiet = 0
@@ -465,8 +471,10 @@ class Drift(Detector):
         self.charts_total = (sum(len(g.charts) * len(g.names) for g in self.groups.values())
                              + len(self.class_charts))
         self.arl = rank_cusum.rounded_arl(float(p.ert) * max(1, self.charts_total))
-        for group in self.groups.values():
-            group.calibrate(self.arl)
+        for name, group in self.groups.items():
+            # the feature charts see one event in sample_every: their run length, in their own
+            # events, is shorter by that factor for the same false alarms per event
+            group.calibrate(self.arl / p.sample_every if name in ("features", "multivariate") else self.arl)
         self.class_charts = [chart for c, sign, p0, p1, _ in self.class_charts
                              if (chart := self._class_chart(c, sign, p0, p1)) is not None]
         self.built = True
@@ -523,14 +531,19 @@ class Drift(Detector):
         alarms: dict[str, list[tuple[str, int, int, float]]] = {}  # kind -> (group, column, index, excess)
         features = self.groups.get("features")
         if (features is not None or self.kernel is not None) and self.dimension:
-            matrix, mask = batch.features
+            # one event in sample_every (counted across batches), parsed alone: 64 numbers an event
+            # are the most expensive part of the detect stage
+            every = self.params.sample_every
+            take = np.arange((-self.sample_position) % every, len(batch), every)
+            self.sample_position = (self.sample_position + len(batch)) % every
+            matrix, mask = batch.features_of(take)
             if matrix.shape[1] != self.dimension:
                 if mask.any():
                     found.extend(self._dimension_change(batch, int(mask.sum()), matrix.shape[1]))
                 mask = np.zeros(len(batch), dtype=bool)
-            rows = np.flatnonzero(mask)
+            rows = take[mask]
             if rows.size:
-                values = matrix[rows]
+                values = matrix[mask]
                 if features is not None:
                     self._run_group("features", values, rows, alarms)
                 if self.kernel is not None:
@@ -736,6 +749,21 @@ def _stream_values(batch: ModelBatch, stream: str) -> np.ndarray:
     return batch.column(stream)
 
 
+_CLASS_NAMES: dict[Any, str | None] = {}  # prediction value -> class name, for the values seen
+
+
+def _class_name(value: Any) -> str | None:
+    if value.__class__ is list:
+        return None
+    try:
+        return _CLASS_NAMES[value]
+    except KeyError:
+        name = _class_of(value)
+        if len(_CLASS_NAMES) < 100_000:  # bounded: a regression model's predictions are all different
+            _CLASS_NAMES[value] = name
+        return name
+
+
 def _class_of(value: Any) -> str | None:
     if value is None or value.__class__ is list:
         return None
@@ -747,7 +775,7 @@ def _class_of(value: Any) -> str | None:
 def _classes(batch: ModelBatch) -> list[str | None]:
     """The predicted class of each event: a string or whole-number prediction, else the index of the
     top probability."""
-    out = [_class_of(e.prediction) for e in batch.events]
+    out = [_class_name(e.prediction) for e in batch.events]
     if any(c is None for c in out):
         probs, mask = batch.probabilities
         if mask.any():
@@ -759,9 +787,12 @@ def _classes(batch: ModelBatch) -> list[str | None]:
 def _errors(batch: ModelBatch, classes: list[str | None]) -> np.ndarray:
     """1 for a wrong prediction, 0 for a right one, -1 where there is no label or no class."""
     out = np.full(len(batch), -1, dtype=np.int8)
-    for i, e in enumerate(batch.events):
-        if e.label is not None and classes[i] is not None:
-            out[i] = classes[i] != _class_of(e.label)
+    labels = [e.label for e in batch.events]
+    if labels.count(None) == len(labels):
+        return out
+    for i, label in enumerate(labels):
+        if label is not None and classes[i] is not None:
+            out[i] = classes[i] != _class_name(label)
     return out
 
 
