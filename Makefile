@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-alibi bench clean
+.PHONY: install demo test test-alibi bench bench-drift clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ test-alibi: $(ALIBI_STAMP)
 
 bench: install
 	$(BIN)/python bench/throughput.py
+
+bench-drift: install
+	$(BIN)/python bench/drift_quality.py
 
 clean:
 	rm -rf $(VENV) $(ALIBI_VENV) build *.egg-info .pytest_cache

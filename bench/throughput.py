@@ -21,9 +21,10 @@ import threading
 import time
 import uuid
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import monitor  # noqa: E402,F401  (first: it sets single-threaded BLAS before numpy loads, as the daemon does)
+
+import numpy as np  # noqa: E402
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 

@@ -315,6 +315,7 @@ def _reject_constant(name: str) -> float:
 
 
 _features_list = msgspec.json.Decoder(list[Union[list[float], dict[str, float], None]])
+_features_flat = msgspec.json.Decoder(list[float])
 
 
 def features_matrix(events: list[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -329,7 +330,21 @@ def features_matrix(events: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     n = len(events)
     if not present:
         return np.empty((n, 0)), np.zeros(n, dtype=bool)
-    parsed = _features_list.decode(b"[" + b",".join(bytes(raws[i]) for i in present) + b"]")
+    chunks = [bytes(raws[i]) for i in present]
+    if all(c[:1] == b"[" for c in chunks):
+        # Arrays only: when they all have one length, one flat list of numbers parses twice as fast
+        # as a list of lists (64 numbers an event are most of the detect stage's parsing).
+        commas = {c.count(b",") for c in chunks}
+        if len(commas) == 1 and b"[]" not in chunks:
+            dim = commas.pop() + 1
+            flat = _features_flat.decode(b"[" + b",".join(c[1:-1] for c in chunks) + b"]")
+            matrix = np.full((n, dim), np.nan)
+            mask = np.zeros(n, dtype=bool)
+            idx = np.asarray(present)
+            matrix[idx] = np.asarray(flat, dtype=np.float64).reshape(len(present), dim)
+            mask[idx] = True
+            return matrix, mask
+    parsed = _features_list.decode(b"[" + b",".join(chunks) + b"]")
     rows = [sorted(v.items()) and [x for _, x in sorted(v.items())] if isinstance(v, dict) else v for v in parsed]
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     dim = int(np.bincount(lengths).argmax())

@@ -219,7 +219,7 @@ def test_restored_state_of_a_model_not_yet_seen_is_kept_for_the_next_checkpoint(
 
 
 def test_out_of_order_batch_is_given_to_detectors_in_event_time_order():
-    p = pipeline()
+    p = pipeline(**{"detectors.drift": {"sample_every": 1}})  # every event charted, so all 50 are seen
     p.process(records([event(i, confidence=0.5 + i % 89 / 200) for i in range(2000)]))  # the reference
     events = [event(i, confidence=0.5 + i / 100_000) for i in range(2000, 2050)]
     random.Random(3).shuffle(events)

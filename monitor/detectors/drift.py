@@ -278,7 +278,7 @@ class Drift(Detector):
         spread: float | None = 1.5  # sd ratio the spread charts are tuned to; null: no spread charts
         class_shift: float = 1.5  # a class share rising or falling by this factor
         max_classes: int = 50
-        sample_every: int = 4  # the feature charts read one event in this many (1: every event)
+        sample_every: int = 8  # the charts read one event in this many (1: every event; labels: all)
         cooldown: int = 5000  # events of quiet for a column after its alarm
         critical_effect: float = 2.0  # a shift of this many reference sd is critical
         # river's detectors, for method adwin or page_hinkley
@@ -341,7 +341,8 @@ class Drift(Detector):
         self.errors_seen = 0
         self.seen = 0
         self.ignored_rows = 0  # feature vectors of another dimension than the reference's
-        self.sample_position = 0  # events since the last one whose features were charted, mod sample_every
+        self.sample_position = 0  # events since the last charted one, modulo sample_every
+        self.charted = 0  # events the charts have read
         self.family_quiet: dict[str, int] = {}  # family -> event count until which it is not reported
         self.suppressed: dict[str, int] = {}  # column alarms not reported, within a family's cooldown
         self.dimension_quiet = 0
@@ -411,10 +412,9 @@ class Drift(Detector):
         for stream in self._rank_streams():
             values = _stream_values(batch, stream)
             into[stream].append(values[~np.isnan(values)])
-        classes = _classes(batch)
-        into["classes"].extend(c for c in classes if c is not None)
+        into["classes"].extend(c for c in _classes(batch) if c is not None)
         if self.params.labels:
-            errors = _errors(batch, classes)
+            errors = _errors(batch)
             into["errors"].append(errors[errors >= 0])
 
     def _build_from_file(self) -> None:
@@ -471,12 +471,13 @@ class Drift(Detector):
         self.charts_total = (sum(len(g.charts) * len(g.names) for g in self.groups.values())
                              + len(self.class_charts))
         self.arl = rank_cusum.rounded_arl(float(p.ert) * max(1, self.charts_total))
-        for name, group in self.groups.items():
-            # the feature charts see one event in sample_every: their run length, in their own
-            # events, is shorter by that factor for the same false alarms per event
-            group.calibrate(self.arl / p.sample_every if name in ("features", "multivariate") else self.arl)
+        # the charts read one event in sample_every: their run length, in the events they read, is
+        # shorter by that factor for the same false alarms per event of the stream
+        charted_arl = self.arl / p.sample_every
+        for group in self.groups.values():
+            group.calibrate(charted_arl)
         self.class_charts = [chart for c, sign, p0, p1, _ in self.class_charts
-                             if (chart := self._class_chart(c, sign, p0, p1)) is not None]
+                             if (chart := self._class_chart(c, sign, p0, p1, charted_arl)) is not None]
         self.built = True
         log.info("%s: drift reference built from %d events: %d features, %d streams, %d classes, "
                  "%d charts at %.3g events each", self.model, len(features), self.dimension,
@@ -508,7 +509,8 @@ class Drift(Detector):
         self.class_statistics = np.zeros(len(charts))
         self.class_quiet = np.zeros(len(self.classes), dtype=np.int64)
 
-    def _class_chart(self, c: int, sign: int, p0: float, p1: float) -> tuple[int, int, float, float, float] | None:
+    def _class_chart(self, c: int, sign: int, p0: float, p1: float,
+                     arl: float) -> tuple[int, int, float, float, float] | None:
         """The chart with its threshold, its tuning ``p1`` moved away from ``p0`` as far as the share's
         uncertainty in the reference demands (a small reference cannot tell 10% from 12%), or None
         when the class is too rare in the reference for any change to be told apart."""
@@ -518,7 +520,7 @@ class Drift(Detector):
                      self.classes[c], "rising" if sign > 0 else "falling")
             return None
         try:
-            return c, sign, p0, p1, cusum.threshold_for_estimated_rate(p0, p1, self.arl, self.class_events)
+            return c, sign, p0, p1, cusum.threshold_for_estimated_rate(p0, p1, arl, self.class_events)
         except ValueError as exc:
             log.info("%s: no chart for class %s %s: %s", self.model, self.classes[c],
                      "rising" if sign > 0 else "falling", exc)
@@ -527,23 +529,31 @@ class Drift(Detector):
     # -- watching -------------------------------------------------------------------------------
 
     def _watch(self, batch: ModelBatch) -> list[Detection]:
+        # The charts read one event in sample_every (counted across batches): parsing 64 numbers an
+        # event and ranking them was most of the detect stage's cost. Labels are few: all are read.
+        every = self.params.sample_every
+        take = np.arange((-self.sample_position) % every, len(batch), every)
+        self.sample_position = (self.sample_position + len(batch)) % every
         found: list[Detection] = []
-        alarms: dict[str, list[tuple[str, int, int, float]]] = {}  # kind -> (group, column, index, excess)
+        if take.size:
+            found = self._watch_charted(batch if every == 1 else _rows(batch, take))
+        if self.errors_detector is not None:
+            found.extend(self._watch_errors(batch))
+        return found
+
+    def _watch_charted(self, batch: ModelBatch) -> list[Detection]:
+        found: list[Detection] = []
+        alarms: dict[str, list[tuple]] = {}  # family -> (group, column, index, excess, chart)
         features = self.groups.get("features")
         if (features is not None or self.kernel is not None) and self.dimension:
-            # one event in sample_every (counted across batches), parsed alone: 64 numbers an event
-            # are the most expensive part of the detect stage
-            every = self.params.sample_every
-            take = np.arange((-self.sample_position) % every, len(batch), every)
-            self.sample_position = (self.sample_position + len(batch)) % every
-            matrix, mask = batch.features_of(take)
+            matrix, mask = batch.features
             if matrix.shape[1] != self.dimension:
                 if mask.any():
                     found.extend(self._dimension_change(batch, int(mask.sum()), matrix.shape[1]))
                 mask = np.zeros(len(batch), dtype=bool)
-            rows = take[mask]
+            rows = np.flatnonzero(mask)
             if rows.size:
-                values = matrix[mask]
+                values = matrix[rows]
                 if features is not None:
                     self._run_group("features", values, rows, alarms)
                 if self.kernel is not None:
@@ -557,18 +567,21 @@ class Drift(Detector):
         for family, hits in alarms.items():
             # one report per family (the features, or one stream) and cooldown: a drift makes columns
             # alarm one after another, and that is one incident, not dozens
-            at = self.seen + min(h[2] for h in hits)
+            at = self.charted + min(h[2] for h in hits)
             if at < self.family_quiet.get(family, 0):
                 self.suppressed[family] = self.suppressed.get(family, 0) + len(hits)
                 continue
-            self.family_quiet[family] = at + self.params.cooldown
+            self.family_quiet[family] = at + self._quiet
             found.append(self._rank_detection(batch, self.groups[hits[0][0]].kinds[hits[0][1]], hits))
-        classes = _classes(batch) if self.class_charts or self.errors_detector is not None else []
         if self.class_charts:
-            found.extend(self._watch_classes(batch, classes))
-        if self.errors_detector is not None:
-            found.extend(self._watch_errors(batch, classes))
+            found.extend(self._watch_classes(batch, _classes(batch)))
+        self.charted += len(batch)
         return found
+
+    @property
+    def _quiet(self) -> int:
+        """The cooldown in charted events."""
+        return max(1, self.params.cooldown // self.params.sample_every)
 
     def _run_group(self, name: str, values: np.ndarray, rows: np.ndarray,
                    alarms: dict[str, list[tuple[str, int, int, float]]]) -> None:
@@ -577,7 +590,7 @@ class Drift(Detector):
         hits = group.update(values)
         family = "features" if name == "multivariate" else name
         for column, chart, index, excess in hits:
-            group.quiet([column], before + index + 1 + self.params.cooldown)
+            group.quiet([column], before + index + 1 + self._quiet)
             alarms.setdefault(family, []).append((name, column, int(rows[index]), excess, chart))
 
     def _rank_detection(self, batch: ModelBatch, kind: str, hits: list[tuple]) -> Detection:
@@ -646,7 +659,7 @@ class Drift(Detector):
             alarms, self.class_statistics[n] = cusum.run(marks.astype(np.int8), p0, p1, h, self.class_statistics[n])
             for at in alarms.tolist():
                 if self.class_seen + at >= self.class_quiet[c]:
-                    self.class_quiet[c] = self.class_seen + at + 1 + self.params.cooldown
+                    self.class_quiet[c] = self.class_seen + at + 1 + self._quiet
                     hits.append((at, c, sign))
                     break
         self.class_seen += len(rows)
@@ -658,7 +671,7 @@ class Drift(Detector):
         if position < self.family_quiet.get("classes", 0):  # one incident, not one report per class
             self.suppressed["classes"] = self.suppressed.get("classes", 0) + len(hits)
             return []
-        self.family_quiet["classes"] = position + self.params.cooldown
+        self.family_quiet["classes"] = position + self._quiet
         index = rows[at]
         event = batch.events[index]
         recent = self.class_recent
@@ -681,8 +694,8 @@ class Drift(Detector):
                       "event_ids": [e.event_id for e in batch.events[max(0, index - 9): index + 1]]},
             source={"topic": topic, "partition": partition, "offset": offset})]
 
-    def _watch_errors(self, batch: ModelBatch, classes: list[str | None]) -> list[Detection]:
-        errors = _errors(batch, classes)
+    def _watch_errors(self, batch: ModelBatch) -> list[Detection]:
+        errors = _errors(batch)
         labelled = np.flatnonzero(errors >= 0)
         found = []
         detector = self.errors_detector
@@ -784,12 +797,13 @@ def _classes(batch: ModelBatch) -> list[str | None]:
     return out
 
 
-def _errors(batch: ModelBatch, classes: list[str | None]) -> np.ndarray:
+def _errors(batch: ModelBatch) -> np.ndarray:
     """1 for a wrong prediction, 0 for a right one, -1 where there is no label or no class."""
     out = np.full(len(batch), -1, dtype=np.int8)
     labels = [e.label for e in batch.events]
     if labels.count(None) == len(labels):
         return out
+    classes = _classes(batch)
     for i, label in enumerate(labels):
         if label is not None and classes[i] is not None:
             out[i] = classes[i] != _class_name(label)
@@ -817,6 +831,11 @@ def _stack(parts: list[np.ndarray], column: bool = False) -> np.ndarray:
 
 def _recent_codes(recent: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return np.concatenate([recent, codes])[-RECENT:]
+
+
+def _rows(batch: ModelBatch, rows: np.ndarray) -> ModelBatch:
+    events, records = batch.events, batch.records
+    return ModelBatch(batch.model, [events[i] for i in rows.tolist()], [records[i] for i in rows.tolist()])
 
 
 def _head(batch: ModelBatch, n: int) -> ModelBatch:

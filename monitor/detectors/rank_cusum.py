@@ -283,8 +283,9 @@ class RankBins:
 
     A value's bin is ``rank // (N+1)/BINS`` with ``rank`` the number of reference values below it;
     that is the number of the reference's ``BINS - 1`` bin edges (its order statistics at multiples of
-    ``(N+1)/BINS``) below it, so a column without ties needs only its edges (a search among 63 values).
-    A column with ties keeps its whole sorted reference and breaks them at random.
+    ``(N+1)/BINS``) below it, so a column needs only its edges (a search among 63 values). A column
+    where an edge's value repeats in the reference also keeps its whole sorted reference, to break
+    the ties of values equal to an edge at random.
     """
 
     def __init__(self, reference: np.ndarray):
@@ -293,9 +294,14 @@ class RankBins:
         ordered = np.sort(reference[:n], axis=0)
         self.size = n
         self.per_bin = (n + 1) // BINS
-        tied = (np.diff(ordered, axis=0) == 0).any(axis=0) if n > 1 else np.zeros(ordered.shape[1], bool)
-        self.tied = {int(j): ordered[:, j].copy() for j in np.flatnonzero(tied)}
         self.edges = np.ascontiguousarray(ordered[self.per_bin - 1:: self.per_bin][: BINS - 1].T)
+        # Ties matter where a value can equal an edge with a probability that counts: where an edge's
+        # value occurs more than once in the reference (a rounded continuous feature has a few
+        # repeats, rarely at an edge; a count or a pixel has them everywhere).
+        tied = [j for j in range(ordered.shape[1])
+                if (np.searchsorted(ordered[:, j], self.edges[j], side="right")
+                    - np.searchsorted(ordered[:, j], self.edges[j], side="left")).max(initial=0) > 1]
+        self.tied = {j: ordered[:, j].copy() for j in tied}
         # Ties are broken by a generator seeded from the reference: the same input gives the same
         # output (a replay repeats a run), and different references draw independently.
         self._rng = np.random.default_rng(zlib.crc32(ordered.tobytes()))
@@ -305,15 +311,21 @@ class RankBins:
         out = np.empty((values.shape[1], values.shape[0]), dtype=np.int16)
         columns = np.ascontiguousarray(values.T)
         for j, column in enumerate(columns):
+            edges = self.edges[j]
+            out[j] = np.searchsorted(edges, column, side="left")
             reference = self.tied.get(j)
             if reference is None:
-                out[j] = np.searchsorted(self.edges[j], column, side="left")
                 continue
-            below = np.searchsorted(reference, column, side="left")
-            equal = np.searchsorted(reference, column, side="right") - below
-            # the rank among the reference plus this value with ties in random order: uniform on 0..N
-            rank = below + (self._rng.random(len(below)) * (equal + 1)).astype(np.int64)
-            out[j] = rank // self.per_bin
+            # A value equal to no edge has all its ties inside one bin: the count of edges below it is
+            # its bin. Only values equal to an edge need their rank among the ties drawn.
+            on_edge = np.flatnonzero(edges[np.minimum(out[j], BINS - 2)] == column)  # the first edge >= x is x
+            if on_edge.size:
+                values = column[on_edge]
+                below = np.searchsorted(reference, values, side="left")
+                equal = np.searchsorted(reference, values, side="right") - below
+                # the rank among the reference plus this value, ties in random order: uniform on 0..N
+                rank = below + (self._rng.random(len(below)) * (equal + 1)).astype(np.int64)
+                out[j, on_edge] = rank // self.per_bin
         return out
 
 
