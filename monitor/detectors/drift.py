@@ -244,8 +244,7 @@ class KernelScore:
         self.omega = rng.normal(size=(self.components.shape[1], self.FOURIER)) / bandwidth
         self.phase = rng.uniform(0, 2 * np.pi, size=self.FOURIER)
         self.embedding = np.cos(projected @ self.omega + self.phase).mean(axis=0)
-        self.null_mean = float(self.score(held).mean())
-        self.held = held
+        self.null_scores: np.ndarray | None = self.score(held)  # handed to a ColumnGroup, then dropped
 
     def _project(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mean) * self.scale) @ self.components
@@ -447,10 +446,10 @@ class Drift(Detector):
                                                       [False] * len(names))
             if p.multivariate and self.dimension >= 2 and len(features) >= 2 * MIN_REFERENCE + 2:
                 self.kernel = KernelScore(features)
-                null = self.kernel.score(self.kernel.held)[:, None]
+                null = self.kernel.null_scores[:, None]
                 self.groups["multivariate"] = ColumnGroup(
                     ["multivariate"], ["feature_drift"], null, [c for c in charts if c.score == "location"], [False])
-                self.kernel.held = None  # its scores are in the group's reference: bounded memory
+                self.kernel.null_scores = None  # they are the group's reference now: bounded memory
         for stream in self._rank_streams():
             values = _stack(parts.get(stream, []), column=True)
             if len(values) >= MIN_REFERENCE:
