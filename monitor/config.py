@@ -197,12 +197,13 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     return config
 
 
-def _describe(message: str) -> str:
-    # msgspec says "Expected `int`, got `str` - at `$.kafka.poll.max_records`"; lead with the path,
-    # and for an unknown key or a bad choice, say what is allowed there.
+def _describe(message: str, root: Any = None) -> str:
+    """msgspec says "Expected `int`, got `str` - at `$.kafka.poll.max_records`"; lead with the path,
+    and for an unknown key or a bad choice, say what is allowed there (in ``root``, a Struct type:
+    the config, or a detector's parameters)."""
     what, where = message.rsplit(" - at ", 1) if " - at " in message else (message, "`$`")
     path = _yaml_path(where)
-    allowed = _allowed_at(path)
+    allowed = _allowed_at(path, Config if root is None else root)
     if what.startswith("Object contains unknown field") and isinstance(allowed, tuple):
         what += f"; known keys here: {', '.join(allowed)}"
     elif what.startswith("Invalid enum value") and isinstance(allowed, list):
@@ -210,11 +211,11 @@ def _describe(message: str) -> str:
     return f"{path}: {what}"
 
 
-def _allowed_at(path: str) -> tuple[str, ...] | list[Any] | None:
+def _allowed_at(path: str, root: Any) -> tuple[str, ...] | list[Any] | None:
     """The keys (a tuple) or the choices (a list) the schema allows at a YAML path, if it knows."""
     import msgspec.inspect as schema
 
-    node: Any = schema.type_info(Config)
+    node: Any = schema.type_info(root)
     for part in re.findall(r"\.(\w+)|\[", path):
         if isinstance(node, schema.UnionType):
             node = next((t for t in node.types if not isinstance(t, schema.NoneType)), node)

@@ -166,11 +166,10 @@ class Registry:
         try:
             parsed = msgspec.convert(params, cls.Params, strict=True)
         except msgspec.ValidationError as exc:
-            text = str(exc)
-            if " - at " in text:
-                what, at = text.rsplit(" - at ", 1)
-                raise ConfigError(f"{where}{at.strip('`')[1:]}: {what}") from None
-            raise ConfigError(f"{where}: {text}") from None
+            from monitor.config import _describe
+
+            text = _describe(str(exc), cls.Params)  # "$.streams[0]: Invalid enum value ...; expected one of: ..."
+            raise ConfigError(f"{where}{text[1:]}") from None  # text starts with the path, "$..."
         check = getattr(parsed, "check", None)
         if check is not None:
             problem = check()  # (field, what was expected) or None
