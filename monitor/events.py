@@ -326,7 +326,7 @@ def features_matrix(events: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     parses the whole batch: the raw arrays were validated at decode time, so joining them is safe.
     """
     raws = [e.features for e in events]
-    present = [i for i, r in enumerate(raws) if r and r != b"null"]
+    present = [i for i, r in enumerate(raws) if r and bytes(r) != b"null"]  # Raw never equals bytes
     n = len(events)
     if not present:
         return np.empty((n, 0)), np.zeros(n, dtype=bool)
@@ -335,7 +335,7 @@ def features_matrix(events: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         # Arrays only: when they all have one length, one flat list of numbers parses twice as fast
         # as a list of lists (64 numbers an event are most of the detect stage's parsing).
         commas = {c.count(b",") for c in chunks}
-        if len(commas) == 1 and b"[]" not in chunks:
+        if len(commas) == 1 and all(c[1:-1].strip() for c in chunks):  # no empty array, "[]" or "[ ]"
             dim = commas.pop() + 1
             flat = _features_flat.decode(b"[" + b",".join(c[1:-1] for c in chunks) + b"]")
             matrix = np.full((n, dim), np.nan)

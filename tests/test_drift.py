@@ -392,3 +392,27 @@ def test_memory_stays_bounded_as_events_flow(digits):
     for k in range(4):
         d.update(draw(digits, rng, 5000, start=10_000 + k * 5000))
     assert len(pickle.dumps(d.state())) < size * 1.05
+
+
+def test_events_with_null_or_empty_features_are_skipped_not_fatal(digits):
+    decoder = EventDecoder()
+    raw = [b'{"event_id":"a%d","ts":%d,"model":"m","features":null,"confidence":0.9}' % (i, T0 + i) for i in range(30)]
+    raw += [b'{"event_id":"b%d","ts":%d,"model":"m","features":[ ],"confidence":0.9}' % (i, T0 + i) for i in range(30)]
+    batch = ModelBatch("m", [decoder.decode(r) for r in raw], [Rec(i) for i in range(60)])
+    d = Drift("m", Drift.Params())
+    assert d.update(batch) == [] and d.learned == 60
+
+
+def test_an_unreadable_reference_falls_back_and_the_learnt_one_survives_a_restart(tmp_path, digits, caplog):
+    rng = np.random.default_rng(17)
+    path = reference_file(tmp_path, digits, rng, name="ref.jsonl.gz")
+    import gzip
+    data = gzip.compress(path.read_bytes())
+    path.write_bytes(data[: len(data) // 2])  # a truncated gzip file
+    d = Drift("digits", Drift.Params(reference=str(path), reference_size=1023, sample_every=1))
+    with caplog.at_level(logging.ERROR, logger="inferwatch.detectors.drift"):
+        d.update(draw(digits, rng, 1100))
+    assert "cannot be read" in caplog.text and d.built
+    again = Drift("digits", d.params)
+    again.restore(pickle.loads(pickle.dumps(d.state())))
+    assert again.built and again.learned == 1023  # the same unusable file: the learnt reference is kept

@@ -182,7 +182,8 @@ class LowConfidence(Detector):
         except ConfigError as exc:
             log.error("%s: %s; learning the reference from the first %d events instead",
                       self.model, exc, self.params.reference_size)
-            self.reference_id = f"failed:{path}"
+            self.reference_id = "failed:" + (reference_file.identity(path)
+                                             if reference_file.check_path(path) is None else path)
 
     def update(self, batch: ModelBatch) -> list[Detection]:
         if self.h is None and self.params.reference and self.reference_id == "stream":

@@ -420,6 +420,9 @@ class Drift(Detector):
         path = self.params.reference
         try:
             data = reference_file.load(path, self.model, self.params.reference_size)
+            if isinstance(data, np.ndarray) and (self._rank_streams() or self.params.classes or self.params.labels):
+                log.warning("%s: %s holds feature vectors only: the streams, class shares and error rate "
+                            "are not watched (give a JSONL file of events to watch them too)", self.model, path)
             parts: dict[str, list[Any]] = {"features": [], "classes": [], "errors": []}
             parts.update({s: [] for s in self._rank_streams()})
             self._collect(data, parts)
@@ -428,7 +431,8 @@ class Drift(Detector):
         except ConfigError as exc:
             log.error("%s: %s; learning the reference from the first %d events instead",
                       self.model, exc, self.params.reference_size)
-            self.reference_id = f"failed:{path}"
+            self.reference_id = "failed:" + (reference_file.identity(path)
+                                             if reference_file.check_path(path) is None else path)
 
     def _build(self, parts: dict[str, list[Any]]) -> None:
         """The reference summaries, the chart sets and their calibration."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.errors import ConfigError
+from monitor.errors import ConfigError, InferWatchError
 
 log = logging.getLogger("inferwatch.detectors.reference")
 
@@ -42,9 +42,10 @@ def identity(path: str) -> str:
 
 
 def still_valid(state: dict, path: str | None, model: str) -> bool:
-    """Whether a checkpointed detector state was built from the reference now configured."""
+    """Whether a checkpointed detector state was built from the reference now configured (or learnt
+    from the stream because that same file could not be used)."""
     wanted = identity(path) if path and check_path(path) is None else "stream"
-    if state.get("reference_id", "stream") == wanted:
+    if state.get("reference_id", "stream") in (wanted, f"failed:{wanted}"):
         return True
     log.info("%s: the configured reference changed since the checkpoint; building it anew", model)
     return False
@@ -68,7 +69,12 @@ def load(path: str, model: str, limit: int) -> Any:
         raise ConfigError(f"reference {path}: {problem}")
     if path.endswith(".npy"):
         return _matrix(path, limit)
-    return _events(os.path.abspath(path), os.stat(path).st_mtime_ns, model, limit)
+    try:
+        return _events(os.path.abspath(path), os.stat(path).st_mtime_ns, model, limit)
+    except ConfigError:
+        raise
+    except (InferWatchError, OSError, EOFError) as exc:  # unreadable, a truncated .gz, ...
+        raise ConfigError(f"reference {path}: cannot be read ({exc})") from None
 
 
 def _matrix(path: str, limit: int) -> np.ndarray:

@@ -179,8 +179,16 @@ class KafkaSource:
         polled = self.consumer.poll(timeout_ms=self.config.kafka.poll.timeout_ms, max_records=limit)
         out: list[Any] = [r for records in polled.values() for r in records]
         deadline = time.monotonic() + GATHER_SECONDS
+        assigned = self.consumer.assignment() if out else set()
         while out and len(out) < limit // 2 and (left := deadline - time.monotonic()) > 0:
             more = self.consumer.poll(timeout_ms=int(left * 1000) + 1, max_records=limit - len(out))
+            now = self.consumer.assignment()
+            if now != assigned:
+                # A rebalance inside the gathering: records of partitions now owned by another member
+                # are theirs to process (and commit); keep the rest and stop here.
+                out = [r for r in out if TopicPartition(r.topic, r.partition) in now]
+                out.extend(r for records in more.values() for r in records)
+                break
             if not more:
                 break
             out.extend(r for records in more.values() for r in records)
