@@ -187,7 +187,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     try:
         config = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as exc:
-        message = _describe(str(exc))
+        message = describe_validation_error(str(exc))
         path = message.split(":", 1)[0]
         if any(path == f"$.{key}" or path.startswith(f"$.{key}.") for key in (overrides or {})):
             message += " (the value comes from a command-line flag)"
@@ -197,7 +197,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     return config
 
 
-def _describe(message: str, root: Any = None) -> str:
+def describe_validation_error(message: str, root: Any = None) -> str:
     """msgspec says "Expected `int`, got `str` - at `$.kafka.poll.max_records`"; lead with the path,
     and for an unknown key or a bad choice, say what is allowed there (in ``root``, a Struct type:
     the config, or a detector's parameters)."""

@@ -166,9 +166,9 @@ class Registry:
         try:
             parsed = msgspec.convert(params, cls.Params, strict=True)
         except msgspec.ValidationError as exc:
-            from monitor.config import _describe
+            from monitor.config import describe_validation_error
 
-            text = _describe(str(exc), cls.Params)  # "$.streams[0]: Invalid enum value ...; expected one of: ..."
+            text = describe_validation_error(str(exc), cls.Params)  # "$.streams[0]: Invalid enum value ...; expected one of: ..."
             raise ConfigError(f"{where}{text[1:]}") from None  # text starts with the path, "$..."
         check = getattr(parsed, "check", None)
         if check is not None:

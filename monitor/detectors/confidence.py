@@ -180,10 +180,7 @@ class LowConfidence(Detector):
             self._learn(np.zeros(0), final=True)
             self.reference_id = reference_file.identity(path)
         except ConfigError as exc:
-            log.error("%s: %s; learning the reference from the first %d events instead",
-                      self.model, exc, self.params.reference_size)
-            self.reference_id = "failed:" + (reference_file.identity(path)
-                                             if reference_file.check_path(path) is None else path)
+            self.reference_id = reference_file.fall_back(log, self.model, exc, path, self.params.reference_size)
 
     def update(self, batch: ModelBatch) -> list[Detection]:
         if self.h is None and self.params.reference and self.reference_id == "stream":

@@ -174,9 +174,17 @@ def threshold_for_estimated_rate(p0: float, p1: float, ert: float, n: int, draws
     log_arl0 = math.log(average_run_length(p0, p1, h0))
 
     def rate(h: float) -> float:
-        return float(np.mean(np.exp(-(log_arl0 + theta0 * (h - h0) + (theta - theta0) * h))))
+        return float(np.mean(np.exp(-drawn_log_arl(theta, h, h0, log_arl0, theta0))))
 
     return threshold_for_rate(rate, 1 / ert, step, h0, 1e6)
+
+
+def drawn_log_arl(theta: np.ndarray, h: float, h0: float, log_arl0: float, theta0: float) -> np.ndarray:
+    """log run length at threshold ``h`` of charts whose increments have adjustment ``theta``, from
+    the exact ``log_arl0`` at ``h0`` of the chart the threshold was first computed for (adjustment
+    ``theta0``): the run length grows as ``exp(theta h)``, so ``log_arl0 + theta0 (h - h0) +
+    (theta - theta0) h``."""
+    return log_arl0 + theta0 * (h - h0) + (theta - theta0) * h
 
 
 def threshold_for_rate(rate, target: float, low: float, start: float, limit: float) -> float:

@@ -111,9 +111,10 @@ def chart_set(shifts: list[float], spread: float | None) -> list[Chart]:
 class ColumnGroup:
     """Columns ranked against one reference matrix, each with the same set of charts."""
 
-    def __init__(self, names: list[str], kinds: list[str], ref: np.ndarray, charts: list[Chart], log_scale: list[bool]):
+    def __init__(self, names: list[str], kind: str, ref: np.ndarray, charts: list[Chart], log_scale: bool = False):
         self.names = names
-        self.kinds = kinds
+        self.kind = kind  # of the detection an alarm makes
+        self.log_scale = log_scale  # heavy-tailed figures are summarised on log1p
         self.bins = RankBins(ref)
         self.charts = charts
         self.statistics = np.zeros((len(charts), len(names)), dtype=np.int64)
@@ -121,8 +122,7 @@ class ColumnGroup:
         self.carry = np.zeros((len(names), 0), dtype=np.int16)  # scores of events short of a block
         self.seen = 0
         self.alarms = 0
-        shown = np.where(np.asarray(log_scale)[None, :], np.log1p(np.maximum(ref, 0)), ref)
-        self.log_scale = log_scale
+        shown = np.log1p(np.maximum(ref, 0)) if log_scale else ref
         self.ref_mean = shown.mean(axis=0)
         self.ref_sd = np.where(shown.std(axis=0) > 0, shown.std(axis=0), 1.0)
         self.ref_quantiles = np.quantile(ref, [0.05, 0.5, 0.95], axis=0)
@@ -196,11 +196,11 @@ class ColumnGroup:
         """Reference against the current window of column ``j``: means, quantiles and the shift in sd."""
         now = self.recent[:, j]
         now = now[~np.isnan(now)]
-        shown_now = np.log1p(np.maximum(now, 0)) if self.log_scale[j] else now
+        shown_now = np.log1p(np.maximum(now, 0)) if self.log_scale else now
         mean_now = float(shown_now.mean()) if len(now) else math.nan
         effect = (mean_now - self.ref_mean[j]) / self.ref_sd[j]
         sd_ratio = float(shown_now.std() / self.ref_sd[j]) if len(now) > 1 else math.nan
-        back = math.expm1 if self.log_scale[j] else float
+        back = math.expm1 if self.log_scale else float
         q_now = np.quantile(now, [0.05, 0.5, 0.95]).tolist() if len(now) else []
         return {
             "feature": self.names[j],
@@ -209,7 +209,7 @@ class ColumnGroup:
             "current": {"mean": back(mean_now), "quantiles_5_50_95": q_now, "events": int(len(now))},
             "effect_sd": round(float(effect), 4),
             "sd_ratio": round(sd_ratio, 4),
-            "transform": "log1p" if self.log_scale[j] else None,
+            "transform": "log1p" if self.log_scale else None,
         }
 
 
@@ -384,7 +384,7 @@ class Drift(Detector):
                     return found
         if start >= len(batch):
             return found
-        view = batch if start == 0 else _tail(batch, start)
+        view = batch if start == 0 else _rows(batch, slice(start, None))
         found.extend(self._watch(view))
         self.seen += len(view)
         return found
@@ -392,7 +392,7 @@ class Drift(Detector):
     def _learn(self, batch: ModelBatch) -> int:
         """Take events for the reference; returns how many of the batch it took."""
         take = min(self.params.reference_size - self.learned, len(batch))
-        part = batch if take == len(batch) else _head(batch, take)
+        part = batch if take == len(batch) else _rows(batch, slice(0, take))
         self._collect(part, self.learning)
         self.learned += take
         if self.learned >= self.params.reference_size:
@@ -429,10 +429,7 @@ class Drift(Detector):
             self._build(parts)
             self.reference_id = reference_file.identity(path)
         except ConfigError as exc:
-            log.error("%s: %s; learning the reference from the first %d events instead",
-                      self.model, exc, self.params.reference_size)
-            self.reference_id = "failed:" + (reference_file.identity(path)
-                                             if reference_file.check_path(path) is None else path)
+            self.reference_id = reference_file.fall_back(log, self.model, exc, path, self.params.reference_size)
 
     def _build(self, parts: dict[str, list[Any]]) -> None:
         """The reference summaries, the chart sets and their calibration."""
@@ -446,19 +443,18 @@ class Drift(Detector):
                 names = [f"f{j}" for j in range(self.dimension)]
             self.feature_names = names
             if p.features:
-                self.groups["features"] = ColumnGroup(names, ["feature_drift"] * len(names), features, charts,
-                                                      [False] * len(names))
+                self.groups["features"] = ColumnGroup(names, "feature_drift", features, charts)
             if p.multivariate and self.dimension >= 2 and len(features) >= 2 * MIN_REFERENCE + 2:
                 self.kernel = KernelScore(features)
                 null = self.kernel.null_scores[:, None]
                 self.groups["multivariate"] = ColumnGroup(
-                    ["multivariate"], ["feature_drift"], null, [c for c in charts if c.score == "location"], [False])
+                    ["multivariate"], "feature_drift", null, [c for c in charts if c.score == "location"])
                 self.kernel.null_scores = None  # they are the group's reference now: bounded memory
         for stream in self._rank_streams():
             values = _stack(parts.get(stream, []), column=True)
             if len(values) >= MIN_REFERENCE:
-                self.groups[stream] = ColumnGroup([stream], [STREAM_KINDS[stream]], values, charts,
-                                                  [stream in LOG_STREAMS])
+                self.groups[stream] = ColumnGroup([stream], STREAM_KINDS[stream], values, charts,
+                                                  stream in LOG_STREAMS)
         if p.classes:
             self._build_classes(parts.get("classes", []))
         errors = _stack(parts.get("errors", []), column=True)[:, 0]
@@ -575,7 +571,7 @@ class Drift(Detector):
                 self.suppressed[family] = self.suppressed.get(family, 0) + len(hits)
                 continue
             self.family_quiet[family] = at + self._quiet
-            found.append(self._rank_detection(batch, self.groups[hits[0][0]].kinds[hits[0][1]], hits))
+            found.append(self._rank_detection(batch, self.groups[hits[0][0]].kind, hits))
         if self.class_charts:
             found.extend(self._watch_classes(batch, _classes(batch)))
         self.charted += len(batch)
@@ -666,7 +662,7 @@ class Drift(Detector):
                     hits.append((at, c, sign))
                     break
         self.class_seen += len(rows)
-        self.class_recent = _recent_codes(self.class_recent, codes)
+        self.class_recent = np.concatenate([self.class_recent, codes])[-RECENT:]
         if not hits:
             return []
         at = min(h[0] for h in hits)
@@ -832,18 +828,9 @@ def _stack(parts: list[np.ndarray], column: bool = False) -> np.ndarray:
     return np.concatenate([p for p in parts if p.shape[1] == dim])
 
 
-def _recent_codes(recent: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    return np.concatenate([recent, codes])[-RECENT:]
-
-
-def _rows(batch: ModelBatch, rows: np.ndarray) -> ModelBatch:
+def _rows(batch: ModelBatch, rows: Any) -> ModelBatch:
+    """The events at ``rows`` (a slice or indices) as a batch of their own."""
+    if isinstance(rows, slice):
+        return ModelBatch(batch.model, batch.events[rows], batch.records[rows])
     events, records = batch.events, batch.records
     return ModelBatch(batch.model, [events[i] for i in rows.tolist()], [records[i] for i in rows.tolist()])
-
-
-def _head(batch: ModelBatch, n: int) -> ModelBatch:
-    return ModelBatch(batch.model, batch.events[:n], batch.records[:n])
-
-
-def _tail(batch: ModelBatch, start: int) -> ModelBatch:
-    return ModelBatch(batch.model, batch.events[start:], batch.records[start:])

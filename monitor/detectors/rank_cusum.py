@@ -43,7 +43,7 @@ import numpy as np
 from scipy import sparse, stats
 from scipy.sparse import linalg as sparse_linalg
 
-from monitor.detectors.cusum import adjustment, threshold_for_rate
+from monitor.detectors.cusum import adjustment, drawn_log_arl, threshold_for_rate
 
 BINS = 64
 LOCATION: tuple[int, ...] = tuple(range(-(BINS - 1), BINS, 2))
@@ -58,26 +58,25 @@ def usable_reference_size(n: int) -> int:
 # -- calibration ---------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=64)
-def block_law(support: tuple[int, ...], block: int) -> tuple[np.ndarray, np.ndarray]:
-    """(values, probabilities) of the sum of ``block`` independent scores uniform on ``support``."""
-    low, step = support[0], support[1] - support[0]
-    pmf = np.ones(1)
-    single = np.full(len(support), 1.0 / len(support))
-    for _ in range(block):
-        pmf = np.convolve(pmf, single)
-    values = block * low + step * np.arange(len(pmf), dtype=np.int64)
+def block_steps(values: np.ndarray, probs: np.ndarray, k: int, block: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The increments of a chart on sums of ``block`` scores (``values``, evenly spaced and ascending,
+    with ``probs``) less ``block·k``, their probabilities, and their common divisor ``g``: the
+    increments come in units of ``g`` (the statistic is always a multiple of it, so the chain needs only
+    every ``g``-th state)."""
+    pmf = probs
+    for _ in range(block - 1):
+        pmf = np.convolve(pmf, probs)
+    sums = block * int(values[0]) + int(values[1] - values[0]) * np.arange(len(pmf), dtype=np.int64)
     keep = pmf > 1e-300
-    return values[keep], pmf[keep]
-
-
-def _steps(support: tuple[int, ...], k: int, block: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The chart's increments and their probabilities, in units of their common divisor ``g`` (the
-    statistic is always a multiple of ``g``, so the chain needs only every ``g``-th state)."""
-    values, probs = block_law(support, block)
-    steps = values - block * k
+    steps = sums[keep] - block * k
     g = int(np.gcd.reduce(np.abs(steps[steps != 0]))) or 1
-    return steps // g, probs, g
+    return steps // g, pmf[keep], g
+
+
+@lru_cache(maxsize=64)
+def _steps(support: tuple[int, ...], k: int, block: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``block_steps`` for scores uniform on ``support`` (equal bins)."""
+    return block_steps(np.asarray(support, dtype=np.int64), np.full(len(support), 1.0 / len(support)), k, block)
 
 
 def lattice_arl(support: tuple[int, ...], k: int, h: int, block: int = 1) -> float:
@@ -153,15 +152,8 @@ def law_arl(p: np.ndarray, score: str, sign: int, k: int, h: int, block: int) ->
     """The chain's run length, in blocks, when the bins have probabilities ``p`` (a drawn reference)."""
     values, probs = score_laws(p[None, :], score, sign)
     order = np.argsort(values)
-    values, probs = values[order].astype(np.int64), probs[0][order]
-    pmf = probs
-    for _ in range(block - 1):
-        pmf = np.convolve(pmf, probs)
-    sums = block * values[0] + (values[1] - values[0]) * np.arange(len(pmf), dtype=np.int64)
-    keep = pmf > 1e-300
-    steps = sums[keep] - block * k
-    g = int(np.gcd.reduce(np.abs(steps[steps != 0]))) or 1
-    return _arl(steps // g, pmf[keep], -(-h // g))
+    steps, pmf, g = block_steps(values[order].astype(np.int64), probs[0][order], k, block)
+    return _arl(steps, pmf, -(-h // g))
 
 
 EXACT = 16  # drawn references whose run length is solved exactly, to correct the approximation
@@ -182,7 +174,7 @@ def _run_length_model(score: str, sign: int, k: int, arl: float, block: int,
     # error, and a quadratic in theta corrects it.
     laws = reference_laws(per_bin)
     picked = np.argsort(theta)[np.linspace(0, len(theta) - 1, EXACT).astype(int)]
-    error = [np.log(law_arl(laws[i], score, sign, k, h0, block)) - (log_arl0 + (theta[i] - theta_equal) * h0)
+    error = [np.log(law_arl(laws[i], score, sign, k, h0, block)) - drawn_log_arl(theta[i], h0, h0, log_arl0, theta_equal)
              for i in picked]
     return h0, log_arl0, float(theta_equal), np.polyfit(theta[picked], error, 2)
 
@@ -198,7 +190,7 @@ def draw_log_arl(p: np.ndarray, score: str, sign: int, k: int, arl: float, block
 def _log_arl(theta: np.ndarray, score: str, sign: int, k: int, arl: float, block: int, per_bin: int,
              h: float) -> np.ndarray:
     h0, log_arl0, theta_equal, correction = _run_length_model(score, sign, k, arl, block, per_bin)
-    return log_arl0 + np.polyval(correction, theta) + theta_equal * (h - h0) + (theta - theta_equal) * h
+    return drawn_log_arl(theta, h, h0, log_arl0, theta_equal) + np.polyval(correction, theta)
 
 
 @lru_cache(maxsize=256)

@@ -51,6 +51,13 @@ def still_valid(state: dict, path: str | None, model: str) -> bool:
     return False
 
 
+def fall_back(logger: logging.Logger, model: str, error: ConfigError, path: str, size: int) -> str:
+    """Log that ``path`` cannot be ``model``'s reference; the id the reference learnt from the stream
+    instead is kept under (``still_valid`` keeps it while the file stays the same)."""
+    logger.error("%s: %s; learning the reference from the first %d events instead", model, error, size)
+    return "failed:" + (identity(path) if check_path(path) is None else path)
+
+
 @lru_cache(maxsize=32)
 def _digest(path: str, mtime_ns: int) -> str:
     h = hashlib.sha256()
@@ -70,11 +77,16 @@ def load(path: str, model: str, limit: int) -> Any:
     if path.endswith(".npy"):
         return _matrix(path, limit)
     try:
-        return _events(os.path.abspath(path), os.stat(path).st_mtime_ns, model, limit)
-    except ConfigError:
-        raise
+        by_model = _events_by_model(os.path.abspath(path), os.stat(path).st_mtime_ns, limit)
     except (InferWatchError, OSError, EOFError) as exc:  # unreadable, a truncated .gz, ...
         raise ConfigError(f"reference {path}: cannot be read ({exc})") from None
+    if model not in by_model:
+        seen = ", ".join(sorted(by_model)[:10]) or "none"
+        raise ConfigError(f"reference {path}: no events of model {model!r} (models in the file: {seen})")
+    from monitor.detectors import ModelBatch
+
+    events, records = by_model[model]
+    return ModelBatch(model, events, records)
 
 
 def _matrix(path: str, limit: int) -> np.ndarray:
@@ -93,34 +105,26 @@ def _matrix(path: str, limit: int) -> np.ndarray:
     return matrix
 
 
-@lru_cache(maxsize=64)
-def _events(path: str, mtime_ns: int, model: str, limit: int) -> Any:
-    from monitor.detectors import ModelBatch
+@lru_cache(maxsize=4)
+def _events_by_model(path: str, mtime_ns: int, limit: int) -> dict[str, tuple[list[Any], list[Any]]]:
+    """The file's first ``limit`` events of each model, with their line numbers: read once for every
+    model that takes its reference from the file."""
     from monitor.events import EventDecoder
     from monitor.sources.files import FileSource
 
     decoder = EventDecoder()
-    events: list[Any] = []
-    records: list[Any] = []
+    by_model: dict[str, tuple[list[Any], list[Any]]] = {}
     bad = 0
-    models: set[str] = set()
     for batch in FileSource([path]).batches():
         for record in batch:
             event = decoder.decode(record.value)
             if event.__class__ is tuple:
                 bad += 1
                 continue
-            models.add(event.model)
-            if event.model == model:
+            events, records = by_model.setdefault(event.model, ([], []))
+            if len(events) < limit:
                 events.append(event)
                 records.append(SimpleNamespace(topic=record.topic, partition=0, offset=record.offset))
-                if len(events) >= limit:
-                    break
-        if len(events) >= limit:
-            break
     if bad:
         log.warning("reference %s: skipped %d lines that are not valid events", path, bad)
-    if not events:
-        seen = ", ".join(sorted(models)[:10]) or "none"
-        raise ConfigError(f"reference {path}: no events of model {model!r} (models in the file: {seen})")
-    return ModelBatch(model, events, records)
+    return by_model
