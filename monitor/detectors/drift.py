@@ -38,7 +38,7 @@ the streams with river's detectors instead of rank charts (``monitor.detectors.s
 ...                 probabilities=None, prediction=None, label=None, event_id=str(i), client_id=None,
 ...                 model_version=None, latency_ms=None) for i, r in enumerate(rows)]
 ...     return ModelBatch("m", events, [E(topic="t", partition=0, offset=i) for i in range(len(rows))])
->>> d = Drift("m", Drift.Params(ert=10_000, streams=[], reference_size=2000))
+>>> d = Drift("m", Drift.Params(ert=10_000, streams=[], reference_size=2000, sample_every=1))
 >>> d.update(batch(rng.normal(size=(4000, 3)), 0.0))
 []
 >>> shifted = rng.normal(size=(500, 3)); shifted[:, 1] += 1.0
