@@ -52,6 +52,7 @@ Runs by default: 400 null and 100 per change (ours, river), river calibrated on 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -208,13 +209,14 @@ def delays(alarms: list[int | None], change_at: int, horizon: int, early: int) -
 class Ours:
     """monitor's Drift on a run: the reference as one batch, then batches of ``batch`` events."""
 
-    def __init__(self, ert: float, reference_size: int, batch: int, names: list[str], sample_every: int = 1):
+    def __init__(self, ert: float, reference_size: int, batch: int, names: list[str], sample_every: int = 1,
+                 extra: dict | None = None):
         from monitor.detectors import ModelBatch
         from monitor.detectors.drift import Drift
         self.Drift, self.ModelBatch = Drift, ModelBatch
         self.params = Drift.Params(ert=ert, reference_size=reference_size, features=True, multivariate=True,
                                    classes=False, labels=False, streams=[], feature_names=names,
-                                   sample_every=sample_every)
+                                   sample_every=sample_every, **(extra or {}))
         self.batch = batch
         size = max(batch, reference_size)
         self.events = [SimpleNamespace(ts=float(i), features=None, confidence=None, probabilities=None,
@@ -475,7 +477,8 @@ def bench_stream(stream: Stream, args: argparse.Namespace, use: dict[str, bool])
 
     ours = None
     if use["ours"]:
-        ours = Ours(ert, args.reference_size, args.batch, stream.names, args.sample_every)
+        ours = Ours(ert, args.reference_size, args.batch, stream.names, args.sample_every,
+                    json.loads(args.drift_params))
         tallies["ours"] = Tally("ours (Drift)",
                                 f"ert {ert:g}, reference {args.reference_size}, batches of {args.batch}",
                                 null_horizon=null_horizon)
@@ -663,6 +666,8 @@ def main() -> None:
     parser.add_argument("--gaussian-features", type=int, default=8)
     parser.add_argument("--reference-size", type=int, default=1023)
     parser.add_argument("--batch", type=int, default=2000, help="events per batch for ours")
+    parser.add_argument("--drift-params", default="{}", metavar="JSON",
+                        help='more parameters of our detector, e.g. \'{"shifts": [0.5, 2.0]}\' (default: none)')
     parser.add_argument("--sample-every", type=int, default=1,
                         help="ours: chart one event in this many (the daemon's default is 4, for throughput; "
                              "1 compares the methods event for event)")

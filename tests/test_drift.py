@@ -16,7 +16,7 @@ from sklearn.model_selection import train_test_split
 
 from monitor.detectors import ModelBatch, rank_cusum
 from monitor.detectors.confidence import LowConfidence
-from monitor.detectors.drift import BLOCK, Drift
+from monitor.detectors.drift import Drift, chart_set
 from monitor.events import EventDecoder
 
 T0 = 1_764_000_000.0
@@ -83,36 +83,38 @@ def armed(digits, rng, ert=100_000, size=1023, sample_every=1, **params) -> Drif
 
 # -- the chart and its calibration ----------------------------------------------------------------
 
-@pytest.mark.parametrize("support, k, sign", [(rank_cusum.LOCATION, 9, 1), (rank_cusum.SPREAD, 4, -1)])
-def test_chart_run_length_without_change_matches_its_markov_chain(support, k, sign):
+@pytest.mark.parametrize("support, k, sign, block", [(rank_cusum.LOCATION, 9, 1, 1), (rank_cusum.SPREAD, 4, -1, 1),
+                                                     (rank_cusum.LOCATION, 9, 1, 8)])
+def test_chart_run_length_without_change_matches_its_markov_chain(support, k, sign, block):
+    """The detector's charts step every event; the chains also cover charts on sums of events."""
     rng = np.random.default_rng(k)
     arl = 300.0
-    h = rank_cusum.lattice_threshold(support, k, arl, BLOCK)
-    values = np.asarray(support, dtype=np.int32)[rng.integers(0, len(support), (500, 200 * BLOCK * 40))]
-    total = sign * np.cumsum(values, axis=1, dtype=np.int32)[:, BLOCK - 1:: BLOCK]
-    first, _, _ = rank_cusum.crossings(total, k * BLOCK, h, np.zeros(500, dtype=np.int64))
+    h = rank_cusum.lattice_threshold(support, k, arl, block)
+    values = np.asarray(support, dtype=np.int32)[rng.integers(0, len(support), (500, 200 * block * 40))]
+    total = sign * np.cumsum(values, axis=1, dtype=np.int32)[:, block - 1:: block]
+    first, _, _ = rank_cusum.crossings(total, k * block, h, np.zeros(500, dtype=np.int64))
     assert (first >= 0).all()
-    assert np.mean(first + 1) == pytest.approx(rank_cusum.lattice_arl(support, k, h, BLOCK), rel=0.15)
-    assert rank_cusum.lattice_arl(support, k, h, BLOCK) >= arl > rank_cusum.lattice_arl(support, k, h - 2, BLOCK)
+    assert np.mean(first + 1) == pytest.approx(rank_cusum.lattice_arl(support, k, h, block), rel=0.15)
+    assert rank_cusum.lattice_arl(support, k, h, block) >= arl > rank_cusum.lattice_arl(support, k, h - 2, block)
 
 
 def exact_arl(p: np.ndarray, score: str, sign: int, k: int, h: int) -> float:
-    return rank_cusum.law_arl(p, score, sign, k, h, BLOCK)
+    return rank_cusum.law_arl(p, score, sign, k, h, 1)
 
 
 @pytest.mark.parametrize("score, sign, k", [("location", 1, 9), ("location", -1, 9), ("spread", 1, 4),
                                              ("spread", -1, 4)])
 def test_at_a_large_ert_the_false_alarm_rate_averaged_over_references_is_the_nominal_one(score, sign, k):
     """A reference's bins have the probabilities of uniform spacings; at a per-chart run length of 5
-    million blocks (ERT 100,000 events over 400 charts) that matters. Two checks on references drawn
+    million events (ERT 100,000 events over 400 charts) that matters. Two checks on references drawn
     afresh: (1) the run length the calibration assumes for a reference is the exact chain's; (2) with
     it, over 20,000 references, the calibrated threshold alarms at the nominal rate on average, where
     the threshold for equal bins alone alarms several times too often."""
     per_bin, arl = 15, 5e6
-    args = (score, sign, k, arl, BLOCK, per_bin)
+    args = (score, sign, k, arl, 1, per_bin)
     h = rank_cusum.reference_threshold(*args)
     h0 = rank_cusum.lattice_threshold(rank_cusum.LOCATION if score == "location" else rank_cusum.SPREAD,
-                                      k, arl, BLOCK)
+                                      k, arl, 1)
     rng = np.random.default_rng(99)
     few = rng.dirichlet(np.full(rank_cusum.BINS, float(per_bin)), size=12)
     for at in (h0, h):
@@ -124,6 +126,24 @@ def test_at_a_large_ert_the_false_alarm_rate_averaged_over_references_is_the_nom
     print(f"{score} {sign:+d}: rate x{rate:.2f} of nominal with h={h}, x{naive:.2f} with h={h0}")
     assert 0.8 < rate < 1.25
     assert naive > 2
+
+
+def test_a_columns_charts_count_for_fewer_than_the_union_bound_as_tabulated():
+    """The charts of one column alarm together at times, so together they run longer than the union
+    bound says: the simulation of one chart alone agrees with its chain, a fresh simulation of the
+    default family with another seed agrees with the table, and other families count in full."""
+    k = rank_cusum.location_k(1.0)
+    alone = rank_cusum.family_overlap((("location", 1, k),), 2000.0, runs=4000, seed=5)
+    h = rank_cusum.lattice_threshold(rank_cusum.LOCATION, k, 2000.0)
+    assert alone * 2000.0 == pytest.approx(rank_cusum.lattice_arl(rank_cusum.LOCATION, k, h), rel=0.06)
+    family = tuple((c.score, c.sign, c.k) for c in chart_set(Drift.Params().shifts, Drift.Params().spread))
+    assert family == rank_cusum.OVERLAP_FAMILY
+    arl, tabulated = rank_cusum.OVERLAP[3]
+    assert rank_cusum.family_overlap(family, arl, runs=6000, seed=11) == pytest.approx(tabulated, rel=0.05)
+    assert 1 < tabulated < len(family)
+    assert rank_cusum.effective_charts(family, arl) == pytest.approx(len(family) / tabulated)
+    assert rank_cusum.effective_charts(family[:6], arl) == 6  # another family: the union bound
+    assert rank_cusum.effective_charts(family, 1e9) == len(family)  # beyond the table: the union bound
 
 
 def test_the_vectorised_chart_is_the_recursion_carried_across_batches():

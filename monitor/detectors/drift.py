@@ -75,11 +75,10 @@ STREAM_KINDS = {
 LOG_STREAMS = {"latency_ms", "cpu_ms", "memory_mb", "output_tokens", "input_bytes"}
 Stream = Literal["confidence", "prediction", "latency_ms", "cpu_ms", "memory_mb", "output_tokens", "input_bytes"]
 
-CRITICAL_EXCESS = 1.5  # a statistic this far past its threshold SOON blocks after crossing: critical
-SOON = 8  # blocks after a crossing at which the excess over the threshold is read (severity)
+CRITICAL_EXCESS = 1.5  # a statistic this far past its threshold SOON events after crossing: critical
+SOON = 64  # charted events after a crossing at which the excess over the threshold is read (severity)
 RECENT = 500  # rows kept per column group to summarise the current window of an alarm
 MIN_REFERENCE = 2 * rank_cusum.BINS - 1  # the smallest reference that fills the bins twice
-BLOCK = 8  # events a chart step sums: an eighth of the chart work for at most 7 events more delay
 
 
 # -- the charts of a group of columns ------------------------------------------------------------
@@ -119,7 +118,6 @@ class ColumnGroup:
         self.charts = charts
         self.statistics = np.zeros((len(charts), len(names)), dtype=np.int64)
         self.quiet_until = np.zeros(len(names), dtype=np.int64)
-        self.carry = np.zeros((len(names), 0), dtype=np.int16)  # scores of events short of a block
         self.seen = 0
         self.alarms = 0
         shown = np.log1p(np.maximum(ref, 0)) if log_scale else ref
@@ -129,42 +127,38 @@ class ColumnGroup:
         self.recent = np.full((RECENT, len(names)), np.nan)
         self.recent_pos = 0
 
+    def family(self) -> rank_cusum.Family:
+        return tuple((c.score, c.sign, c.k) for c in self.charts)
+
     def calibrate(self, arl: float) -> None:
-        """Thresholds for one false alarm per ``arl`` events (``arl / BLOCK`` blocks), averaged over the
+        """Thresholds for one false alarm per ``arl`` charted events, averaged over the
         sampling error of this group's reference (``rank_cusum.reference_threshold``)."""
         per_bin = self.bins.per_bin
         self.charts = [msgspec.structs.replace(
-            c, h=rank_cusum.reference_threshold(c.score, c.sign, c.k, arl / BLOCK, BLOCK, per_bin))
+            c, h=rank_cusum.reference_threshold(c.score, c.sign, c.k, arl, 1, per_bin))
             for c in self.charts]
 
     def update(self, values: np.ndarray) -> list[tuple[int, int, int, float]]:
         """Run the charts over ``values`` (n x columns, no NaN). Returns the alarms as
         (column, chart, index in ``values`` of the first crossing, excess = statistic / threshold
-        ``SOON`` blocks after the crossing, or at the batch's end if sooner: a large shift overshoots
+        ``SOON`` events after the crossing, or at the batch's end if sooner: a large shift overshoots
         fast, a small one creeps).
 
-        The charts read sums of ``BLOCK`` events' scores: the running sum is taken per event and read
-        at block ends, so the charts' work is an eighth of the events'; events short of a block wait
-        for the next batch (``carry``)."""
+        The charts step every event: reading sums of 8 events instead saved a fraction of a µs an event
+        and cost up to 7 events of delay (bench/RESULTS.md)."""
         location, spread = rank_cusum.scores(self.bins.bins(values))
-        carried = self.carry.shape[1]
-        location = np.concatenate([self.carry, location], axis=1) if carried else location
-        blocks = location.shape[1] // BLOCK
-        ends = slice(BLOCK - 1, blocks * BLOCK, BLOCK)
-        totals = {"location": np.cumsum(location, axis=1, dtype=np.int32)[:, ends]}
+        totals = {"location": np.cumsum(location, axis=1, dtype=np.int32)}
         if any(c.score == "spread" for c in self.charts):
-            spread = np.abs(location) - rank_cusum.BINS // 2  # from the carried events too
-            totals["spread"] = np.cumsum(spread, axis=1, dtype=np.int32)[:, ends]
-        self.carry = location[:, blocks * BLOCK:].copy()
+            totals["spread"] = np.cumsum(spread, axis=1, dtype=np.int32)
         found: dict[int, tuple[int, int, float]] = {}
-        if blocks:
+        if len(values):
             quiet = self.quiet_until > self.seen  # columns still quiet after an earlier alarm
             for c, chart in enumerate(self.charts):
                 total = totals[chart.score] if chart.sign > 0 else -totals[chart.score]
-                first, soon, end = rank_cusum.crossings(total, chart.k * BLOCK, chart.h, self.statistics[c], SOON)
+                first, soon, end = rank_cusum.crossings(total, chart.k, chart.h, self.statistics[c], SOON)
                 self.statistics[c] = end
                 for j in np.flatnonzero(first >= 0).tolist():
-                    index = (int(first[j]) + 1) * BLOCK - 1 - carried  # the block's last event
+                    index = int(first[j])
                     if quiet[j] and self.seen + index < self.quiet_until[j]:
                         continue
                     excess = float(soon[j]) / chart.h
@@ -273,7 +267,7 @@ class Drift(Detector):
         label_delta: float = 0.0005  # ADWIN's confidence on the error stream
         streams: list[Stream] = msgspec.field(default_factory=lambda: ["confidence", "latency_ms"])
         method: Literal["cusum", "adwin", "page_hinkley"] = "cusum"  # for the streams
-        shifts: list[float] = msgspec.field(default_factory=lambda: [0.5, 2.0])  # mean shifts, in sd
+        shifts: list[float] = msgspec.field(default_factory=lambda: [0.5, 1.0, 2.0])  # mean shifts, in sd
         spread: float | None = 1.5  # sd ratio the spread charts are tuned to; null: no spread charts
         class_shift: float = 1.5  # a class share rising or falling by this factor
         max_classes: int = 50
@@ -469,9 +463,18 @@ class Drift(Detector):
         # errs by a few per cent towards fewer false alarms
         self.charts_total = (sum(len(g.charts) * len(g.names) for g in self.groups.values())
                              + len(self.class_charts))
-        self.arl = rank_cusum.rounded_arl(float(p.ert) * max(1, self.charts_total))
-        # the charts read one event in sample_every: their run length, in the events they read, is
-        # shorter by that factor for the same false alarms per event of the stream
+        # Union bound: each chart gets ert x (charts it shares the ERT with). A column's charts alarm
+        # together more often than that bound assumes, so a column counts for fewer charts
+        # (rank_cusum.effective_charts); that count depends on the run length itself, so it is taken
+        # twice, each time at a run length at least the final one (it errs towards fewer false alarms).
+        # The charts read one event in sample_every: their run length, in the events they read, is
+        # shorter by that factor for the same false alarms per event of the stream.
+        counted = float(self.charts_total)
+        for _ in range(2):
+            self.arl = rank_cusum.rounded_arl(float(p.ert) * max(1.0, counted))
+            counted = len(self.class_charts) + sum(
+                len(g.names) * rank_cusum.effective_charts(g.family(), self.arl / p.sample_every)
+                for g in self.groups.values())
         charted_arl = self.arl / p.sample_every
         for group in self.groups.values():
             group.calibrate(charted_arl)

@@ -325,3 +325,62 @@ def scores(bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(location, spread) integer scores of the bins (see the module docstring)."""
     location = 2 * bins - (BINS - 1)
     return location, np.abs(location) - BINS // 2
+
+
+# -- the charts of one column together ------------------------------------------------------------
+
+Family = tuple[tuple[str, int, int], ...]  # (score, sign, k) of each chart on one column
+
+
+def family_overlap(family: Family, arl: float, runs: int, seed: int = 0) -> float:
+    """How much longer than the union bound says the charts of one column run, together, to their
+    first false alarm: (mean run length of the first alarm of any of them, simulated on equal bins) /
+    (``arl / len(family)``), each chart at its equal-bin threshold for ``arl``.
+
+    The union bound counts the charts as if they never alarmed together; charts tuned to nearby
+    shifts on the same scores do, so the family runs longer than it. The ratio falls towards 1 as
+    ``arl`` grows (rarer alarms take more different paths); it depends on nothing but the family and
+    ``arl``, so ``OVERLAP`` tabulates it once (``bench/chart_overlap.py``)."""
+    rng = np.random.default_rng(seed)
+    thresholds = [lattice_threshold(LOCATION if score == "location" else SPREAD, k, arl) for score, _, k in family]
+    lengths = np.zeros(runs, dtype=np.int64)  # the runs' first alarms (the censored: their length)
+    for group in np.array_split(np.arange(runs), -(-runs // 1024)):
+        statistics = np.zeros((len(family), len(group)), dtype=np.int64)
+        active, done = group, 0
+        chunk = int(min(4096, max(64, arl / len(family) / 4)))
+        while len(active) and done < 100 * arl:
+            location, spread = scores(rng.integers(0, BINS, (len(active), chunk)))
+            totals = {"location": np.cumsum(location, axis=1, dtype=np.int32),
+                      "spread": np.cumsum(spread, axis=1, dtype=np.int32)}
+            first = np.full(len(active), chunk, dtype=np.int64)
+            for i, ((score, sign, k), h) in enumerate(zip(family, thresholds)):
+                crossed, _, statistics[i] = crossings(sign * totals[score], k, h, statistics[i])
+                first = np.where(crossed >= 0, np.minimum(first, crossed), first)
+            done += chunk
+            ended = first < chunk
+            lengths[active[ended]] = done - chunk + first[ended] + 1
+            active, statistics = active[~ended], statistics[:, ~ended]
+        lengths[active] = done  # censored runs count as their length: errs towards a lower ratio
+    return float(lengths.mean() / (arl / len(family)))
+
+
+# family_overlap of drift's default charts (shifts 0.5, 1 and 2 sd, spread x1.5) by bench/chart_overlap.py
+# (1,000-20,000 runs an entry, standard errors 0.7-3.6%)
+OVERLAP_FAMILY: Family = (("location", 1, 9), ("location", -1, 9), ("location", 1, 17), ("location", -1, 17),
+                          ("location", 1, 27), ("location", -1, 27), ("spread", 1, 4), ("spread", -1, 4))
+OVERLAP: tuple[tuple[float, float], ...] = (
+    (100, 1.999), (316, 1.753), (1000, 1.568), (3162, 1.476), (10000, 1.377), (31623, 1.324), (100000, 1.252),
+    (316228, 1.197), (1000000, 1.264), (3162278, 1.132), (10000000, 1.124))
+
+
+def effective_charts(family: Family, arl: float) -> float:
+    """What the charts of one column count for in a union bound at a per-chart run length ``arl``:
+    ``len(family) / overlap``, with the overlap of the default family read from ``OVERLAP``
+    (interpolated in log run length, never above an entry at a shorter run length, since the true ratio
+    falls; below the table, its first entry). Another family, or a run length beyond the table, counts in
+    full: the union bound, which errs towards fewer false alarms."""
+    if family != OVERLAP_FAMILY or arl > OVERLAP[-1][0]:
+        return float(len(family))
+    arls, ratios = zip(*OVERLAP)
+    falling = np.minimum.accumulate(ratios)
+    return len(family) / max(1.0, float(np.interp(np.log(arl), np.log(arls), falling)))
