@@ -90,6 +90,18 @@ class ModelBatch:
         return features_matrix(self.events)
 
     @cached_property
+    def classes(self) -> list[str | None]:
+        """The predicted class of each event: a string or whole-number prediction, else the index of
+        the top probability; None for neither (a regression output, no prediction)."""
+        out = [class_name(e.prediction) for e in self.events]
+        if any(c is None for c in out):
+            probs, mask = self.probabilities
+            if mask.any():
+                top = probs.argmax(axis=1)
+                out = [c if c is not None or not mask[i] else str(int(top[i])) for i, c in enumerate(out)]
+        return out
+
+    @cached_property
     def client_ids(self) -> list[str | None]:
         return [e.client_id for e in self.events]
 
@@ -100,6 +112,29 @@ class ModelBatch:
             if e.model_version is not None:
                 return e.model_version
         return None
+
+
+_CLASS_NAMES: dict[Any, str | None] = {}  # prediction value -> class name, for the values seen
+
+
+def class_name(value: Any) -> str | None:
+    if value.__class__ is list:
+        return None
+    try:
+        return _CLASS_NAMES[value]
+    except KeyError:
+        name = _class_of(value)
+        if len(_CLASS_NAMES) < 100_000:  # bounded: a regression model's predictions are all different
+            _CLASS_NAMES[value] = name
+        return name
+
+
+def _class_of(value: Any) -> str | None:
+    if value is None or value.__class__ is list:
+        return None
+    if value.__class__ is float:
+        return str(int(value)) if value.is_integer() else None
+    return str(value)
 
 
 class Detector:

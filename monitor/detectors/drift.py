@@ -57,7 +57,7 @@ import numpy as np
 
 from monitor.detections import Detection, make_detection
 from monitor.detectors import Detector, ModelBatch
-from monitor.detectors import cusum, rank_cusum, reference as reference_file
+from monitor.detectors import class_name, cusum, rank_cusum, reference as reference_file
 from monitor.detectors.rank_cusum import LOCATION, SPREAD, RankBins
 from monitor.errors import ConfigError
 
@@ -405,7 +405,7 @@ class Drift(Detector):
         for stream in self._rank_streams():
             values = _stream_values(batch, stream)
             into[stream].append(values[~np.isnan(values)])
-        into["classes"].extend(c for c in _classes(batch) if c is not None)
+        into["classes"].extend(c for c in batch.classes if c is not None)
         if self.params.labels:
             errors = _errors(batch)
             into["errors"].append(errors[errors >= 0])
@@ -576,7 +576,7 @@ class Drift(Detector):
             self.family_quiet[family] = at + self._quiet
             found.append(self._rank_detection(batch, self.groups[hits[0][0]].kind, hits))
         if self.class_charts:
-            found.extend(self._watch_classes(batch, _classes(batch)))
+            found.extend(self._watch_classes(batch, batch.classes))
         self.charted += len(batch)
         return found
 
@@ -764,51 +764,16 @@ def _stream_values(batch: ModelBatch, stream: str) -> np.ndarray:
     return batch.column(stream)
 
 
-_CLASS_NAMES: dict[Any, str | None] = {}  # prediction value -> class name, for the values seen
-
-
-def _class_name(value: Any) -> str | None:
-    if value.__class__ is list:
-        return None
-    try:
-        return _CLASS_NAMES[value]
-    except KeyError:
-        name = _class_of(value)
-        if len(_CLASS_NAMES) < 100_000:  # bounded: a regression model's predictions are all different
-            _CLASS_NAMES[value] = name
-        return name
-
-
-def _class_of(value: Any) -> str | None:
-    if value is None or value.__class__ is list:
-        return None
-    if value.__class__ is float:
-        return str(int(value)) if value.is_integer() else None
-    return str(value)
-
-
-def _classes(batch: ModelBatch) -> list[str | None]:
-    """The predicted class of each event: a string or whole-number prediction, else the index of the
-    top probability."""
-    out = [_class_name(e.prediction) for e in batch.events]
-    if any(c is None for c in out):
-        probs, mask = batch.probabilities
-        if mask.any():
-            top = probs.argmax(axis=1)
-            out = [c if c is not None or not mask[i] else str(int(top[i])) for i, c in enumerate(out)]
-    return out
-
-
 def _errors(batch: ModelBatch) -> np.ndarray:
     """1 for a wrong prediction, 0 for a right one, -1 where there is no label or no class."""
     out = np.full(len(batch), -1, dtype=np.int8)
     labels = [e.label for e in batch.events]
     if labels.count(None) == len(labels):
         return out
-    classes = _classes(batch)
+    classes = batch.classes
     for i, label in enumerate(labels):
         if label is not None and classes[i] is not None:
-            out[i] = classes[i] != _class_name(label)
+            out[i] = classes[i] != class_name(label)
     return out
 
 
