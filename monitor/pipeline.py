@@ -89,6 +89,9 @@ class Pipeline:
                 except Exception:
                     log.exception("could not restore %s state of %s; starting fresh", name, model)
             detectors.append(detector)
+        detectors.sort(key=lambda d: d.name == "probing")  # it reads the confidence detector's figures
+        for detector in detectors:
+            detector.bind(detectors)
         route = ModelRoute(model, detectors, model)
         self.routes[model] = route
         self.tracked += 1

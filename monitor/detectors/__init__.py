@@ -154,6 +154,10 @@ class Detector:
     def update(self, batch: ModelBatch) -> list[Detection]:
         raise NotImplementedError
 
+    def bind(self, peers: list["Detector"]) -> None:
+        """Called once with the model's detectors (in the order they run), for a detector that reads
+        another's figures; the detectors it reads run before it."""
+
     def state(self) -> dict[str, Any]:
         """Everything needed to resume after a restart (picklable)."""
         return {k: v for k, v in self.__dict__.items() if k not in ("model", "params")}
@@ -170,6 +174,7 @@ _BUILTINS = {
     "drift": "monitor.detectors.drift:Drift",
     "confidence": "monitor.detectors.confidence:LowConfidence",
     "alibi": "monitor.detectors.alibi_adapter:AlibiDetector",
+    "probing": "monitor.detectors.probing:Probing",
 }
 
 

@@ -1,0 +1,686 @@
+"""Query probing per client: model extraction, black-box adversarial search and query floods.
+
+Every client's queries are projected into a few dimensions learnt from the model's benign reference
+(the top principal components of the standardized features, plus the norm of what they leave out, so
+that inputs off the reference's subspace stand far away) and kept in a short ring per client. Five
+signals are read per client, each calibrated on the benign reference:
+
+- **neighbours** (Chen, Carlini, Wagner 2019, "Stateful detection of black-box adversarial attacks"):
+  the mean distance of a query to its ``k`` nearest among the client's recent ``history`` queries.
+  A query is marked when that is below the ``mark_quantile`` of benign reference clients (clients
+  drawing one class only, the narrowest benign use), and a Bernoulli CUSUM on the marks, calibrated to
+  ``client_ert`` queries between false alarms, alarms. Searches that query around one input (NES
+  gradient estimation, boundary walks) mark nearly every query.
+- **PRADA** (Juuti et al. 2019): the distance of each query to the client's nearest earlier query of
+  the same predicted class, over the last ``distances`` of them; benign distances look normal,
+  synthetic queries (Jacobian augmentation: fixed steps from a seed set) do not. Shapiro-Wilk W every
+  ``test_every`` distances; the alarm bound is the ``check_quantile`` of W over benign reference
+  clients (PRADA's fixed 0.95 does not carry from one model to another). Benign clients who re-query
+  a few images also make their distances far from normal, so PRADA fires only with the neighbours or
+  off-reference statistic three quarters of the way up.
+- **off-reference**: the share of the client's queries that land where the benign reference has no
+  mass: a query is marked when its distance to the nearest reference query exceeds the reference's own
+  ``1 - off_quantile`` quantile of that distance (leave one out), and a Bernoulli CUSUM calibrated to
+  ``client_ert`` watches the marks. Random and synthetic queries, which evade both tests above, are
+  marked at nearly every query. (A windowed MMD of the client's queries against the reference was
+  tried first: benign clients who favour a few images are not independent draws from the reference,
+  and it flagged a fifth of them.)
+- **boundary**: the share of the client's queries near the decision boundary, from the
+  ``confidence`` detector's per-client figures (its low-confidence marks over the client's queries,
+  against the share its per-client CUSUM is tuned to), when that detector runs on the model. It
+  corroborates the neighbours test.
+- **rate**: the client's query rate over ``rate_window`` seconds and its bursts over
+  ``burst_window``, against the population of active clients: a flood is ``rate_factor`` times the
+  ``rate_quantile`` of their rates (the heaviest regular clients, such as batch jobs) and at least
+  ``min_rate`` queries a second.
+
+One client risk (the largest signal over its bound) and one detection per kind and ``cooldown``:
+``model_extraction`` (PRADA, off-reference), ``adversarial_probing`` (neighbours; boundary with
+neighbours three quarters up), ``query_flood`` (rate), each naming the signals that fired, their values and
+bounds, and the others' current values.
+
+Memory is bounded: at most ``max_clients`` clients, each about 3 KB; idle clients are forgotten after
+``client_idle`` seconds; when the table is full, a new client takes the place of the least recently
+seen one that is not suspicious (risk >= 0.5 or an alarm within ``cooldown`` queries): a flood of new
+ids churns among themselves and cannot push out a suspicious client. Work is vectorized per batch:
+each query is compared with its client's ring in one gather over the batch. An exact repeat of one of
+the client's recent queries (a retry) is not scored: it tells nothing new.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, ClassVar
+
+import msgspec
+import numpy as np
+from scipy.spatial import cKDTree
+
+from monitor.detections import Detection, make_detection
+from monitor.detectors import Detector, ModelBatch, cusum, reference as reference_file
+from monitor.detectors.shapiro import w_statistic
+from monitor.errors import ConfigError
+
+log = logging.getLogger("inferwatch.detectors.probing")
+
+MARKED_P1 = 0.5  # the marks' CUSUMs are tuned to half of a client's queries marked
+REPEAT = 1e-6  # a query this close to one of the client's recent ones is a repeat
+SIMULATED_CLIENTS = 200  # benign reference clients drawn for the calibration
+SIMULATED_QUERIES = 240  # queries of each (PRADA needs `distances` + a few tests)
+SIGNALS = ("neighbours", "prada", "off_reference", "boundary", "rate")
+KINDS = {"neighbours": "adversarial_probing", "boundary": "adversarial_probing", "prada": "model_extraction",
+         "off_reference": "model_extraction", "rate": "query_flood"}
+PROTECT = 0.5  # a client whose risk reaches this is not evicted for a new one
+CORROBORATE = 0.75  # PRADA and the boundary share fire with another signal this far up
+
+
+class ClientTable:
+    """Per-client arrays, one row (slot) per tracked client, grown by doubling up to ``capacity``."""
+
+    def __init__(self, capacity: int, history: int, dims: int, distances: int):
+        self.capacity = capacity
+        self.shapes = {"ring": (history, dims), "ring_class": (history,), "dist": (distances,)}
+        self.size = 0
+        self.ids: list[str | None] = []
+        self.slot_of: dict[str, int] = {}
+        self.free: list[int] = []
+        self._grow(min(capacity, 64))
+
+    def _grow(self, size: int) -> None:
+        def grown(old: np.ndarray | None, shape: tuple, dtype: Any, fill: Any = 0) -> np.ndarray:
+            new = np.full((size, *shape), fill, dtype=dtype)
+            if old is not None:
+                new[: len(old)] = old
+            return new
+
+        old = self.size
+        g = self.__dict__.get
+        self.ring = grown(g("ring"), self.shapes["ring"], np.float32)
+        self.ring_class = grown(g("ring_class"), self.shapes["ring_class"], np.int16, -1)
+        self.queries = grown(g("queries"), (), np.int64)  # queries seen (the ring holds the last `history`)
+        self.dist = grown(g("dist"), self.shapes["dist"], np.float32)
+        self.dist_count = grown(g("dist_count"), (), np.int64)
+        self.since_test = grown(g("since_test"), (), np.int64)
+        self.near_statistic = grown(g("near_statistic"), (), np.float64)  # the neighbour marks' CUSUM
+        self.off_statistic = grown(g("off_statistic"), (), np.float64)  # the off-reference marks' CUSUM
+        self.rate_fast = grown(g("rate_fast"), (), np.float64)
+        self.rate_slow = grown(g("rate_slow"), (), np.float64)
+        self.last_ts = grown(g("last_ts"), (), np.float64, -math.inf)
+        self.evidence = grown(g("evidence"), (len(SIGNALS),), np.float32)
+        self.quiet_until = grown(g("quiet_until"), (3,), np.int64)  # per kind, in the client's queries
+        self.ids.extend([None] * (size - old))
+        self.free.extend(range(size - 1, old - 1, -1))
+        self.size = size
+
+    def bytes_per_client(self) -> int:
+        arrays = [a for a in self.__dict__.values() if isinstance(a, np.ndarray)]
+        return sum(a.nbytes for a in arrays) // max(1, self.size)
+
+    def reset(self, slot: int) -> None:
+        for name, value in self.__dict__.items():
+            if isinstance(value, np.ndarray):
+                value[slot] = -1 if name == "ring_class" else (-math.inf if name == "last_ts" else 0)
+
+    def slots(self, clients: list[str], now: float, idle: float) -> np.ndarray:
+        """The slot of each client (-1: not tracked, the table is full of suspicious clients)."""
+        out = np.empty(len(clients), dtype=np.int64)
+        slot_of = self.slot_of
+        for i, client in enumerate(clients):
+            slot = slot_of.get(client)
+            if slot is None:
+                slot = self._admit(client, now, idle)
+            out[i] = slot
+        return out
+
+    def _admit(self, client: str, now: float, idle: float) -> int:
+        if not self.free and self.size < self.capacity:
+            self._grow(min(self.capacity, 2 * self.size))
+        if not self.free:
+            self._evict(now, idle)
+        if not self.free:
+            return -1
+        slot = self.free.pop()
+        self.reset(slot)
+        self.last_ts[slot] = now  # not idle: it is arriving
+        self.ids[slot] = client
+        self.slot_of[client] = slot
+        return slot
+
+    def _evict(self, now: float, idle: float) -> None:
+        """Idle clients first; then the least recently seen eighth of those that are not suspicious."""
+        protected = (self.evidence.max(axis=1) >= PROTECT) | (self.quiet_until.max(axis=1) > self.queries)
+        gone = np.flatnonzero((now - self.last_ts > idle) & ~protected)
+        if len(gone) == 0:
+            candidates = np.flatnonzero(~protected)
+            if len(candidates) == 0:
+                return
+            take = max(1, len(candidates) // 8)
+            gone = candidates[np.argpartition(self.last_ts[candidates], take - 1)[:take]]
+        for slot in gone.tolist():
+            del self.slot_of[self.ids[slot]]
+            self.ids[slot] = None
+            self.free.append(slot)
+
+
+class Probing(Detector):
+    """Per-client query probing: neighbours, PRADA, off-reference share, boundary share and rate."""
+
+    name: ClassVar[str] = "probing"
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        reference: str | None = None  # JSONL events or a .npy feature matrix; default: the first events
+        reference_size: int = 2000
+        dims: int = 8  # the projection: dims - 1 principal components and the residual norm
+        history: int = 64  # recent queries kept per client
+        k: int = 8  # neighbours of the stateful test
+        mark_quantile: float = 0.01  # a query is marked below this quantile of benign neighbour distances
+        client_ert: float = 1_000_000  # queries between false alarms of a client's neighbour marks
+        distances: int = 100  # PRADA: the last distances tested (the paper: at least 100)
+        test_every: int = 10  # PRADA: a test every this many new distances
+        check_quantile: float = 0.001  # PRADA: the bound on W is this quantile over benign clients
+        off_quantile: float = 0.001  # a query is off the reference beyond this quantile of its own spacing
+        rate_window: float = 60.0  # seconds
+        burst_window: float = 1.0  # seconds
+        rate_quantile: float = 0.99  # the heaviest regular clients: this quantile of the active clients' rates
+        rate_factor: float = 10.0  # a flood: this many times their rate
+        min_rate: float = 5.0  # queries a second below which no client is a flood
+        max_clients: int = 10_000
+        client_idle: float = 3600.0  # seconds of event time after which an idle client is forgotten
+        cooldown: int = 1000  # a client's queries of quiet per kind after an alarm
+        seed: int = 7
+
+        def check(self) -> tuple[str, str] | None:
+            if self.reference_size < 200:
+                return "reference_size", f"expected at least 200 events, got {self.reference_size}"
+            if self.reference is not None and (problem := reference_file.check_path(self.reference)):
+                return "reference", problem
+            if not 2 <= self.dims <= 64:
+                return "dims", f"expected 2 to 64 dimensions, got {self.dims}"
+            if not 2 <= self.k < self.history <= 1024:
+                return "k", f"expected 2 <= k < history <= 1024, got k={self.k}, history={self.history}"
+            if self.distances < 20 or self.test_every < 1:
+                return "distances", "expected distances >= 20 and test_every >= 1"
+            if not 0 < self.mark_quantile < 0.5 or not 0 < self.check_quantile < 0.5:
+                return "mark_quantile", "expected quantiles between 0 and 0.5"
+            if not 0 < self.off_quantile < 0.1:
+                return "off_quantile", f"expected a quantile between 0 and 0.1, got {self.off_quantile}"
+            if self.client_ert < 100:
+                return "client_ert", f"expected at least 100 queries, got {self.client_ert}"
+            if self.max_clients < 1:
+                return "max_clients", f"expected at least 1, got {self.max_clients}"
+            return None
+
+    def __init__(self, model: str, params: Params):
+        super().__init__(model, params)
+        self.reference_id = "stream"
+        self.learning: list[tuple[np.ndarray, list[str | None]]] = []
+        self.learned = 0
+        self.built = False
+        self.dimension = 0
+        self.class_codes: dict[str, int] = {}
+        self.clients: ClientTable | None = None
+        self.confidence: Any = None  # the model's confidence detector, when it runs (bound by the pipeline)
+        self.alarms = 0
+        self.untracked = 0  # queries of clients that found the table full of suspicious clients
+        self.seen = 0
+
+    # -- peers, state ----------------------------------------------------------------------------
+
+    def bind(self, peers: list[Detector]) -> None:
+        """Read the confidence detector's per-client figures, when it runs on the same model."""
+        self.confidence = next((p for p in peers if p.name == "confidence"), None)
+
+    def state(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state().items() if k not in ("confidence", "_reference_tree")}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if reference_file.still_valid(state, self.params.reference, self.model):
+            super().restore(state)
+
+    # -- the reference ---------------------------------------------------------------------------
+
+    def _learn(self, batch: ModelBatch) -> int:
+        matrix, mask = batch.features
+        take = min(self.params.reference_size - self.learned, len(batch))
+        rows = np.flatnonzero(mask[:take])
+        classes = batch.classes
+        self.learning.append((matrix[rows], [classes[i] for i in rows.tolist()]))
+        self.learned += take
+        if self.learned >= self.params.reference_size:
+            self._build(self.learning)
+            self.learning = []
+        return take
+
+    def _build_from_file(self) -> None:
+        path = self.params.reference
+        try:
+            data = reference_file.load(path, self.model, self.params.reference_size)
+            if isinstance(data, np.ndarray):
+                parts = [(data, [None] * len(data))]
+            else:
+                matrix, mask = data.features
+                classes = data.classes
+                parts = [(matrix[mask], [classes[i] for i in np.flatnonzero(mask).tolist()])]
+            self._build(parts)
+            if not self.built:
+                raise ConfigError(f"reference {path}: too few feature vectors for the probing detector")
+            self.reference_id = reference_file.identity(path)
+        except ConfigError as exc:
+            self.reference_id = reference_file.fall_back(log, self.model, exc, path, self.params.reference_size)
+
+    def _build(self, parts: list[tuple[np.ndarray, list[str | None]]]) -> None:
+        """The projection, the class-conditional embedding means and covariance, and the bounds."""
+        p = self.params
+        vectors = [m for m, _ in parts if m.ndim == 2 and m.shape[0]]
+        if not vectors:
+            return
+        dimension = int(np.bincount([v.shape[1] for v in vectors]).argmax())
+        keep = [(m, c) for m, c in parts if m.ndim == 2 and m.shape[0] and m.shape[1] == dimension]
+        x = np.concatenate([m for m, _ in keep]).astype(np.float64)
+        names = [c for _, cs in keep for c in cs]
+        finite = np.isfinite(x).all(axis=1)
+        x, names = x[finite], [n for n, f in zip(names, finite.tolist()) if f]
+        if len(x) < 200:
+            log.warning("%s: %d reference feature vectors, the probing detector needs 200", self.model, len(x))
+            return
+        self.dimension = dimension
+        self.mean = x.mean(axis=0)
+        sd = x.std(axis=0)
+        self.sd = np.maximum(sd, 0.1 * float(np.median(sd[sd > 0])) if (sd > 0).any() else 1.0)
+        standard = (x - self.mean) / self.sd
+        components = min(p.dims - 1, dimension)
+        _, _, vt = np.linalg.svd(standard - standard.mean(axis=0), full_matrices=False)
+        self.components = vt[:components].T.copy()  # dimension x components
+        z = self._project_standard(standard)
+        # the class codes: the reference's classes seen at least 20 times; the rest share one code
+        counted: dict[str, int] = {}
+        for n in names:
+            if n is not None:
+                counted[n] = counted.get(n, 0) + 1
+        self.class_codes = {c: i for i, c in enumerate(sorted(c for c, count in counted.items() if count >= 20))}
+        codes = self._codes(names)
+        # off the reference: beyond the reference's own spacing (each query's nearest other one)
+        self.reference_points = z
+        spacing = self._tree().query(z, k=2)[0][:, 1]
+        self.off_bound = float(np.quantile(spacing, 1 - p.off_quantile))
+        self.reference_z, self.reference_codes = z.astype(np.float32), codes
+        self._calibrate()
+        self.clients = ClientTable(p.max_clients, p.history, z.shape[1], p.distances)
+        self.reference_z = self.reference_codes = None  # bounded memory: the bounds are all that is kept
+        self.built = True
+        log.info("%s: probing reference built from %d queries: neighbour bound %.3g, PRADA bound W < %.3f, "
+                 "off-reference bound %.3g", self.model, len(x), self.neighbour_bound, self.prada_bound,
+                 self.off_bound)
+
+    def _project_standard(self, standard: np.ndarray) -> np.ndarray:
+        inside = standard @ self.components
+        residual = np.sqrt(np.maximum((standard**2).sum(axis=1) - (inside**2).sum(axis=1), 0.0))
+        return np.concatenate([inside, residual[:, None]], axis=1)
+
+    def _project(self, x: np.ndarray) -> np.ndarray:
+        return self._project_standard((x - self.mean) / self.sd).astype(np.float32)
+
+    def _tree(self) -> cKDTree:
+        """The reference queries' k-d tree (rebuilt after a restore: it is not checkpointed)."""
+        if self.__dict__.get("_reference_tree") is None:
+            self._reference_tree = cKDTree(self.reference_points)
+        return self._reference_tree
+
+    def _codes(self, names: list[str | None]) -> np.ndarray:
+        other = len(self.class_codes)
+        return np.fromiter((self.class_codes.get(n, other) if n is not None else other for n in names),
+                           dtype=np.int16, count=len(names))
+
+    def _calibrate(self) -> None:
+        """The neighbour and PRADA bounds, from benign clients drawn from the reference: each draws
+        without replacement, half of them from one class only (narrow clients stand closest together),
+        and their queries go through the same code as live ones."""
+        p = self.params
+        rng = np.random.default_rng(p.seed + 1)
+        z, codes = self.reference_z, self.reference_codes
+        by_class = [np.flatnonzero(codes == c) for c in range(len(self.class_codes) + 1)]
+        by_class = [rows for rows in by_class if len(rows) >= 2 * p.k + 2]
+        neighbour, w = [], []
+        for i in range(SIMULATED_CLIENTS):
+            pool = by_class[rng.integers(len(by_class))] if i % 2 and by_class else np.arange(len(z))
+            rows = rng.permutation(pool)[:SIMULATED_QUERIES]
+            knn, nearest, _ = _distances(z[rows], codes[rows], p.history, p.k)
+            neighbour.append(knn[np.isfinite(knn)])
+            d = nearest[np.isfinite(nearest)]
+            if len(d) >= p.distances:
+                ends = np.arange(p.distances, len(d) + 1, p.test_every)
+                w.append(w_statistic(np.stack([d[e - p.distances: e] for e in ends])))
+        neighbour_all = np.concatenate(neighbour) if neighbour else np.zeros(0)
+        self.neighbour_bound = float(np.quantile(neighbour_all, p.mark_quantile)) if len(neighbour_all) else 0.0
+        self.prada_bound = float(np.quantile(np.concatenate(w), p.check_quantile)) if w else 0.0
+        # both marks' CUSUMs: tuned to half the client's queries marked, against a benign rate of the
+        # neighbour quantile (the off-reference quantile is far smaller, but benign clients who favour
+        # a few unusual images repeat them: the same rate leaves them room)
+        self.marks_p0 = p.mark_quantile
+        self.marks_h = cusum.threshold_for_ert(self.marks_p0, MARKED_P1, float(p.client_ert))
+
+    # -- the batch -------------------------------------------------------------------------------
+
+    def update(self, batch: ModelBatch) -> list[Detection]:
+        if not self.built and self.params.reference and self.reference_id == "stream":
+            self._build_from_file()
+        start = 0
+        if not self.built:
+            start = self._learn(batch)
+            if not self.built or start >= len(batch):
+                return []
+        matrix, mask = batch.features
+        clients = batch.client_ids
+        rows = [i for i in range(start, len(batch)) if clients[i] is not None and mask[i]]
+        if matrix.shape[1] != self.dimension:
+            rows = []
+        if not rows:
+            return []
+        rows_a = np.asarray(rows, dtype=np.int64)
+        ts = batch.ts[rows_a]
+        table = self.clients
+        slots = table.slots([clients[i] for i in rows], float(ts.max()), self.params.client_idle)
+        tracked = slots >= 0
+        self.untracked += int((~tracked).sum())
+        rows_a, slots, ts = rows_a[tracked], slots[tracked], ts[tracked]
+        if len(rows_a) == 0:
+            return []
+        z = self._project(np.nan_to_num(matrix[rows_a], nan=0.0, posinf=0.0, neginf=0.0))
+        classes = batch.classes
+        codes = self._codes([classes[i] for i in rows_a.tolist()])
+        order = np.argsort(slots, kind="stable")
+        segments = _Segments(slots[order])
+        found = self._signals(batch, rows_a[order], segments, z[order], codes[order], ts[order])
+        self.seen += len(rows_a)
+        return found
+
+    def _signals(self, batch: ModelBatch, rows: np.ndarray, seg: "_Segments", z: np.ndarray,
+                 codes: np.ndarray, ts: np.ndarray) -> list[Detection]:
+        p, table = self.params, self.clients
+        slots = seg.slots
+        # the clients' rings followed by their new queries, each new query compared with the `history`
+        # entries before it (its client's ring and its own earlier queries of the batch)
+        sequence, sequence_codes, valid, positions = seg.with_history(table.ring, table.ring_class,
+                                                                      table.queries, z, codes)
+        knn, nearest, closest = _gathered_distances(sequence, sequence_codes, valid, positions, p.k)
+        seg.keep_history(table.ring, table.ring_class, sequence, sequence_codes, positions)
+        before = table.queries[slots].copy()
+        table.queries[slots] += seg.lengths
+        evidence = np.zeros((len(slots), len(SIGNALS)), dtype=np.float32)
+        hits: dict[int, dict[str, tuple[float, int]]] = {}  # segment -> signal -> (value, row index)
+        fresh = ~(closest <= REPEAT)  # a retry of a recent query is not scored
+
+        # neighbours and off-reference: marks and their per-client CUSUMs
+        off = self._tree().query(z, k=1)[0]
+        for column, name, figure, marked, statistics in (
+                (0, "neighbours", knn, knn < self.neighbour_bound, table.near_statistic),
+                (2, "off_reference", off, off > self.off_bound, table.off_statistic)):
+            scored = fresh & np.isfinite(figure)
+            end, crossed_at = seg.cusum(marked & scored, scored, statistics[slots], self.marks_p0, MARKED_P1,
+                                        self.marks_h)
+            evidence[:, column] = np.maximum(statistics[slots], end) / self.marks_h
+            statistics[slots] = end
+            for s in np.flatnonzero(crossed_at >= 0).tolist():
+                evidence[s, column] = max(evidence[s, column], 1.0)
+                window = figure[seg.starts[s]: crossed_at[s] + 1][-p.k:]
+                hits.setdefault(s, {})[name] = (float(np.mean(window[np.isfinite(window)])), int(crossed_at[s]))
+
+        # PRADA: the last `distances` nearest-same-class distances, tested every `test_every`
+        new_counts = seg.append_distances(table.dist, table.dist_count, np.where(fresh, nearest, np.inf))
+        table.since_test[slots] += new_counts
+        due = np.flatnonzero((table.dist_count[slots] >= p.distances) & (table.since_test[slots] >= p.test_every))
+        if len(due):
+            w = w_statistic(table.dist[slots[due]].astype(np.float64))
+            table.since_test[slots[due]] = 0
+            evidence[due, 1] = (1 - w) / max(1e-9, 1 - self.prada_bound)
+            # alone it does not decide: benign clients who re-query the same few images make their
+            # distances far from normal too (tests/test_probing.py), so it needs another signal three quarters up
+            corroborated = np.maximum(evidence[due, 0], evidence[due, 2]) >= CORROBORATE
+            fires = (w < self.prada_bound) & corroborated
+            for s, value in zip(due[fires].tolist(), w[fires].tolist()):
+                hits.setdefault(s, {})["prada"] = (value, int(seg.ends[s] - 1))
+
+        # boundary: the share of the client's queries the confidence detector marked low-confidence,
+        # over the share its per-client CUSUM is tuned to find (shift x the reference rate)
+        peer = self.confidence
+        if peer is not None and getattr(peer, "p0", None):
+            states, tuned = peer.clients, peer.params.shift * peer.p0
+            least = peer.params.min_client_events
+            evidence[:, 3] = [(st.marks / st.events / tuned if (st := states.get(table.ids[s])) is not None
+                               and st.events >= least else 0.0) for s in slots.tolist()]
+            for s in np.flatnonzero((evidence[:, 3] >= 1) & (evidence[:, 0] >= CORROBORATE)).tolist():
+                hits.setdefault(s, {})["boundary"] = (float(evidence[s, 3]), int(seg.ends[s] - 1))
+
+        # rate: decayed counts at each client's last query of the batch, against the active population
+        evidence[:, 4], flood = self._rates(seg, ts)
+        for s in flood.tolist():
+            hits.setdefault(s, {})["rate"] = (float(evidence[s, 4]), int(seg.ends[s] - 1))
+
+        table.evidence[slots] = np.maximum(evidence, 0)
+        table.last_ts[slots] = ts[seg.ends - 1]
+        return self._detections(batch, rows, seg, hits, before, evidence)
+
+    def _rates(self, seg: "_Segments", ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(each client's rate evidence, the segments that flood): exponentially decayed query counts
+        over ``rate_window`` and ``burst_window`` seconds, against ``rate_factor`` times the
+        ``rate_quantile`` of the active clients' rates (the heaviest regular clients: a batch job that
+        queries all day is one of them; a flood is far beyond them)."""
+        p, table = self.params, self.clients
+        slots = seg.slots
+        end_ts = ts[seg.ends - 1]
+        now = float(end_ts.max())
+        out = np.zeros(len(slots))
+        flood = np.zeros(len(slots), dtype=bool)
+        for name, tau in (("rate_slow", p.rate_window), ("rate_fast", p.burst_window)):
+            counts = getattr(table, name)
+            last = np.where(np.isfinite(table.last_ts[slots]), table.last_ts[slots], end_ts)
+            decayed = counts[slots] * np.exp(-np.maximum(end_ts - last, 0) / tau)
+            added = np.add.reduceat(np.exp(-np.maximum(np.repeat(end_ts, seg.lengths) - ts, 0) / tau), seg.starts)
+            counts[slots] = decayed + added
+            rate = counts[slots] / tau  # queries a second
+            table.last_ts[slots] = end_ts  # (the population below sees these clients as of now)
+            active = np.flatnonzero(now - table.last_ts < p.rate_window)
+            population = counts[active] * np.exp(-(now - table.last_ts[active]) / tau) / tau
+            heavy = float(np.quantile(population, p.rate_quantile)) if len(population) else 0.0
+            bound = max(p.rate_factor * heavy, p.min_rate)
+            out = np.maximum(out, rate / bound)
+            flood |= rate >= bound
+        return out, np.flatnonzero(flood)
+
+    # -- detections ------------------------------------------------------------------------------
+
+    def _detections(self, batch: ModelBatch, rows: np.ndarray, seg: "_Segments",
+                    hits: dict[int, dict[str, tuple[float, int]]], before: np.ndarray,
+                    evidence: np.ndarray) -> list[Detection]:
+        table, found = self.clients, []
+        kinds = ["model_extraction", "adversarial_probing", "query_flood"]
+        for s, fired in sorted(hits.items()):
+            slot = int(seg.slots[s])
+            by_kind: dict[str, list[str]] = {}
+            for signal in fired:
+                by_kind.setdefault(KINDS[signal], []).append(signal)
+            for kind, signals in by_kind.items():
+                k = kinds.index(kind)
+                row = min(fired[sig][1] for sig in signals)
+                query = int(before[s] + row - seg.starts[s] + 1)  # the client's query count at the alarm
+                if query < table.quiet_until[slot, k]:
+                    continue
+                table.quiet_until[slot, k] = query + self.params.cooldown
+                self.alarms += 1
+                found.append(self._detection(batch, int(rows[row]), table.ids[slot], kind, signals, fired,
+                                             evidence[s], query))
+        found.sort(key=lambda d: d.ts)
+        return found
+
+    def _detection(self, batch: ModelBatch, index: int, client: str, kind: str, signals: list[str],
+                   fired: dict[str, tuple[float, int]], evidence: np.ndarray, query: int) -> Detection:
+        event = batch.events[index]
+        topic, partition, offset = batch.source(index)
+        risk = float(evidence.max())
+        bounds = {"neighbours": f"mean distance to the {self.params.k} nearest recent queries below "
+                                f"{self.neighbour_bound:.3g} for most queries",
+                  "prada": f"Shapiro-Wilk W of the last {self.params.distances} distances below {self.prada_bound:.3f}",
+                  "off_reference": f"distance to the nearest reference query above {self.off_bound:.3g} "
+                                   "for most queries",
+                  "boundary": "low-confidence share above the confidence detector's per-client threshold",
+                  "rate": f"query rate at least {self.params.rate_factor:g}x the active clients' "
+                          f"{self.params.rate_quantile:.0%} quantile and {self.params.min_rate:g}/s"}
+        why = "; ".join(f"{sig} ({bounds[sig]}: {fired[sig][0]:.3g})" for sig in signals)
+        what = {"model_extraction": "model extraction", "adversarial_probing": "black-box adversarial search",
+                "query_flood": "query flood"}[kind]
+        return make_detection(
+            detector=self.name, kind=kind, model=self.model, window_start=float(event.ts), ts=float(event.ts),
+            client_id=client, model_version=event.model_version,
+            severity="critical" if len(signals) > 1 or risk >= 3 else "warning",
+            score=round(risk, 3), threshold=1.0,
+            summary=f"{what} suspected from client {client} after {query} queries: {why}",
+            evidence={"signals": {sig: round(float(evidence[i]), 4) for i, sig in enumerate(SIGNALS)},
+                      "fired": {sig: {"value": fired[sig][0], "bound": bounds[sig]} for sig in signals},
+                      "client_queries": query, "risk": risk,
+                      "event_ids": [e.event_id for e in batch.events[max(0, index - 9): index + 1]]},
+            source={"topic": topic, "partition": partition, "offset": offset},
+        )
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        table = self.clients
+        if table is None:
+            out["state"] = "learning reference"
+            return out
+        tracked = [s for s, c in enumerate(table.ids) if c is not None]
+        top = sorted(tracked, key=lambda s: -float(table.evidence[s].max()))[:10]
+        out.update({
+            "state": "armed", "clients_tracked": len(tracked), "alarms": self.alarms, "untracked_queries": self.untracked,
+            "bytes_per_client": table.bytes_per_client(),
+            "bounds": {"neighbours": self.neighbour_bound, "prada_w": self.prada_bound,
+                       "off_reference": self.off_bound, "marks_cusum": self.marks_h},
+            "top_clients": [{"client_id": table.ids[s], "risk": float(table.evidence[s].max()),
+                             "signals": dict(zip(SIGNALS, table.evidence[s].round(3).tolist())),
+                             "queries": int(table.queries[s])} for s in top],
+        })
+        return out
+
+
+# -- the vectorized core ---------------------------------------------------------------------------
+
+
+def _distances(z: np.ndarray, codes: np.ndarray, history: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One client's queries in order: ``_gathered_distances`` with an empty ring."""
+    n = len(z)
+    sequence = np.concatenate([np.zeros((history, z.shape[1]), np.float32), z.astype(np.float32)])
+    sequence_codes = np.concatenate([np.full(history, -1, np.int16), codes.astype(np.int16)])
+    valid = np.concatenate([np.zeros(history, bool), np.ones(n, bool)])
+    return _gathered_distances(sequence, sequence_codes, valid, history + np.arange(n), k)
+
+
+def _gathered_distances(sequence: np.ndarray, sequence_codes: np.ndarray, valid: np.ndarray,
+                        positions: np.ndarray, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the query at each of ``positions`` in ``sequence``, the ``history`` entries before it are its
+    client's (the caller lays out every client as its ring, then its new queries): the mean of the k
+    smallest distances among the valid ones, the smallest to one of the same class, and the smallest
+    (inf where there is none)."""
+    history = int(positions.min()) if len(positions) else 0
+    knn = np.full(len(positions), np.inf)
+    nearest = np.full(len(positions), np.inf)
+    closest = np.full(len(positions), np.inf)
+    offsets = np.arange(-history, 0)
+    for lo in range(0, len(positions), chunk):
+        at = positions[lo: lo + chunk]
+        index = at[:, None] + offsets[None, :]  # n x history
+        diff = sequence[index] - sequence[at][:, None, :]
+        d = np.sqrt(np.einsum("nhd,nhd->nh", diff, diff))
+        ok = valid[index]
+        d = np.where(ok, d, np.inf)
+        enough = ok.sum(axis=1) >= k
+        if enough.any():
+            smallest = np.partition(d[enough], k - 1, axis=1)[:, :k]
+            knn[lo: lo + chunk][enough] = smallest.mean(axis=1)
+        same = ok & (sequence_codes[index] == sequence_codes[at][:, None])
+        nearest[lo: lo + chunk] = np.where(same, d, np.inf).min(axis=1)
+        closest[lo: lo + chunk] = d.min(axis=1)
+    return knn, nearest, closest
+
+
+class _Segments:
+    """A batch's tracked queries grouped by client (sorted by slot): segment ``s`` is client
+    ``slots[s]`` with rows ``starts[s]:ends[s]``."""
+
+    def __init__(self, sorted_slots: np.ndarray):
+        self.starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]])
+        self.ends = np.r_[self.starts[1:], len(sorted_slots)]
+        self.lengths = self.ends - self.starts
+        self.slots = sorted_slots[self.starts]
+        self.n = len(sorted_slots)
+
+    def segment_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+    def with_history(self, ring: np.ndarray, ring_class: np.ndarray, queries: np.ndarray, z: np.ndarray,
+                     codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Each client's ring (oldest first) then its new queries, in one array; the positions of the
+        new queries in it; which entries are real (a young client's ring is partly empty)."""
+        history = ring.shape[1]
+        u = len(self.slots)
+        base = np.arange(u) * history + self.starts  # where segment s's ring begins
+        total = u * history + self.n
+        sequence = np.empty((total, z.shape[1]), dtype=np.float32)
+        sequence_codes = np.empty(total, dtype=np.int16)
+        valid = np.ones(total, dtype=bool)
+        ring_positions = (base[:, None] + np.arange(history)[None, :]).ravel()
+        sequence[ring_positions] = ring[self.slots].reshape(-1, z.shape[1])
+        sequence_codes[ring_positions] = ring_class[self.slots].ravel()
+        filled = np.minimum(queries[self.slots], history)
+        valid[ring_positions] = (np.arange(history)[None, :] >= (history - filled)[:, None]).ravel()
+        positions = np.repeat(base + history, self.lengths) + (np.arange(self.n) - np.repeat(self.starts, self.lengths))
+        sequence[positions] = z
+        sequence_codes[positions] = codes
+        return sequence, sequence_codes, valid, positions
+
+    def keep_history(self, ring: np.ndarray, ring_class: np.ndarray, sequence: np.ndarray,
+                     sequence_codes: np.ndarray, positions: np.ndarray) -> None:
+        """Each client's ring becomes the last ``history`` entries of its segment of ``sequence``."""
+        history = ring.shape[1]
+        last = positions[self.ends - 1] + 1  # one past each segment's end in the sequence
+        index = last[:, None] - history + np.arange(history)[None, :]
+        ring[self.slots] = sequence[index]
+        ring_class[self.slots] = sequence_codes[index]
+
+    def cusum(self, marks: np.ndarray, scored: np.ndarray, start: np.ndarray, p0: float, p1: float,
+              h: float) -> tuple[np.ndarray, np.ndarray]:
+        """A Bernoulli CUSUM per client over its scored queries: (statistic at the end, row of the first
+        crossing or -1). A client that crosses restarts at 0 after it (its later crossings in the batch
+        wait for its cooldown anyway)."""
+        a, b, step = cusum._grid(p0, p1)
+        w = np.where(marks, a * step, np.where(scored, -b * step, 0.0))
+        c = np.cumsum(w)
+        c_start = np.repeat(c[self.starts] - w[self.starts], self.lengths)
+        c = c - c_start + np.repeat(start, self.lengths)
+        # a running minimum restarting per segment: shift each segment below all earlier ones
+        spread = float(np.abs(c).max()) * 2 + 1.0 if len(c) else 1.0
+        shift = np.repeat(np.arange(len(self.starts), dtype=np.float64) * -spread, self.lengths)
+        running = np.minimum.accumulate(c + shift) - shift
+        s = c - np.minimum(running, 0.0)
+        over = s > h
+        crossed = np.maximum.reduceat(over.astype(np.int8), self.starts) > 0
+        first = np.full(len(self.starts), -1, dtype=np.int64)
+        for seg in np.flatnonzero(crossed).tolist():
+            first[seg] = self.starts[seg] + int(np.argmax(over[self.starts[seg]: self.ends[seg]]))
+        end = s[self.ends - 1].copy()
+        end[crossed] = 0.0
+        return end, first
+
+    def append_distances(self, dist: np.ndarray, dist_count: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+        """Append each client's finite new distances to its ring of recent ones; returns how many."""
+        finite = np.isfinite(nearest)
+        counts = np.add.reduceat(finite.astype(np.int64), self.starts) if self.n else np.zeros(0, np.int64)
+        size = dist.shape[1]
+        for s in np.flatnonzero(counts).tolist():  # per client with new distances: a concatenation
+            slot = self.slots[s]
+            new = nearest[self.starts[s]: self.ends[s]]
+            new = new[np.isfinite(new)]
+            have = int(min(dist_count[slot], size))
+            joined = np.concatenate([dist[slot, size - have:], new])[-size:]
+            dist[slot, size - len(joined):] = joined
+            dist_count[slot] += len(new)
+        return counts
