@@ -186,3 +186,49 @@ def test_parameters_are_checked_at_config_load():
         registry.check_params("probing", {"k": 64, "history": 64}, "detectors.probing")
     with pytest.raises(ConfigError, match=r"detectors\.probing: .*unknown field `nearest`; known keys"):
         registry.check_params("probing", {"nearest": 3}, "detectors.probing")
+
+
+# -- end to end: the daemon on the real broker ----------------------------------------------------
+
+def test_on_kafka_the_daemon_reports_the_attacker_and_no_benign_client(broker, tmp_path, daemons, w):
+    import json
+
+    from tests.conftest import Daemon, write_config
+
+    rng = np.random.default_rng(8)
+    topics = broker.topics("probing")
+
+    def lines(x, clients, ts):
+        labels, probabilities = w.oracle(x)
+        return [json.dumps({"event_id": f"{clients[i]}-{i}", "ts": float(ts[i]), "model": "digits",
+                            "client_id": clients[i], "features": np.round(x[i], 4).tolist(),
+                            "probabilities": np.round(probabilities[i], 5).tolist(),
+                            "prediction": int(labels[i])}).encode() for i in range(len(x))]
+
+    reference = tmp_path / "digits-reference.jsonl"
+    reference.write_bytes(b"\n".join(lines(w.reference(2000, rng), ["reference"] * 2000, T0 + np.arange(2000.0))))
+    streams = {f"user-{i}": benign_client(w, rng, 150) for i in range(30)}
+    streams["attacker"] = ATTACKS["nes"](w, rng, 150)
+    pace = {c: 0.05 if c == "attacker" else 5.0 for c in streams}
+    x, clients, ts = interleave(streams, rng, pace, T0 + 5000)
+    # keyed by client: a client's queries stay in one partition, in order
+    broker.produce(topics["logs"], lines(x, clients, ts), keys=[c.encode() for c in clients])
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state",
+                          detectors={"confidence": {"reference": str(reference), "indicator": "margin"},
+                                     "probing": {"reference": str(reference)}})
+    d = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(d)
+    d.wait_for(lambda: d.metric("inferwatch_events_total", model="digits", outcome="processed") == len(x),
+               what="all events processed")
+    found = [json.loads(r.value) for r in broker.consume_all(topics["detections"], expect=1)]
+    probing = [f for f in found if f["detector"] == "probing"]
+    assert {f["client_id"] for f in probing} == {"attacker"}, d.log()[-3000:]
+    # at 20 queries a second against people's one in five, it is a flood as well
+    assert {f["kind"] for f in probing} <= {"adversarial_probing", "query_flood"}
+    first = min(probing, key=lambda f: f["evidence"]["client_queries"])
+    assert first["kind"] == "adversarial_probing"
+    assert first["evidence"]["client_queries"] <= 100 and "neighbours" in first["evidence"]["fired"]
+    assert first["atlas"][0] == "AML.T0043.001" and first["source"]["topic"] == topics["logs"]
+    assert d.metric("inferwatch_detections_total", model="digits", detector="probing",
+                    kind="adversarial_probing", severity=first["severity"]) >= 1
+    assert d.stop() == 0
