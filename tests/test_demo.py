@@ -22,6 +22,8 @@ def test_demo_detects_the_injected_incidents_and_counts_the_malformed_messages(t
     assert re.search(r"digits\s+prediction_drift\s+confidence fell", out), out
     assert re.search(r"digits\s+feature_drift\s+\d+ input columns? drifted", out), out
     assert re.search(r"cancer\s+latency_anomaly\s+latency_ms rose", out), out
+    # and the client probing digits with random images, by the probing detector
+    assert re.search(r"digits\s+model_extraction\s+client=mallory ", out), out
     # every message sent was consumed, and the malformed ones are dead letters, counted by reason
     sent = re.search(r"events sent (\d+) \(malformed (\d+)\), consumed (\d+)", out)
     assert sent, out

@@ -3,8 +3,10 @@
 Two models serve real predictions: ``digits`` (logistic regression on the 8x8 digits images, 64
 features) and ``cancer`` (a scaled logistic regression on the breast-cancer data, 30 features).
 Benign clients send held-out inputs with small augmentations. Incidents, at fractions of the run:
-- 30%: the ``digits`` inputs drift (a brightness shift and blur-like noise): confidence falls;
-- 45%: client ``mallory`` starts probing ``digits`` with uniformly random images;
+- 30%: client ``mallory`` starts probing ``digits`` with uniformly random images (before the drift:
+  once every client's inputs are off the reference, the probing detector waits for the model to
+  come back, and only the per-client low-confidence chart can still single mallory out);
+- 45%: the ``digits`` inputs drift (a brightness shift and blur-like noise): confidence falls;
 - 60%: ``cancer`` becomes 8x slower (a latency regression);
 - throughout: one message in 400 is malformed (bad JSON, wrong types, NaN, too many features).
 """
@@ -33,8 +35,8 @@ class TrafficPlan:
     duration: float
     rate: float
     incidents: list[Incident] = field(default_factory=lambda: [
-        Incident("digits input drift", 0.30),
-        Incident("mallory probes digits", 0.45),
+        Incident("mallory probes digits", 0.30),
+        Incident("digits input drift", 0.45),
         Incident("cancer latency x8", 0.60),
     ])
 

@@ -73,6 +73,10 @@ KINDS = {"neighbours": "adversarial_probing", "boundary": "adversarial_probing",
          "off_reference": "model_extraction", "rate": "query_flood"}
 PROTECT = 0.5  # a client whose risk reaches this is not evicted for a new one
 CORROBORATE = 0.75  # PRADA and the boundary share fire with another signal this far up
+TYPICAL_HALF_LIFE = 20  # clients: how fast the typical client's marked share follows the stream
+TYPICAL_CLIENTS = 5  # a slice's median client share counts from this many clients
+SLICE = 256  # events of a batch over which the typical client's share is taken
+SUSPENDED = 0.25  # the typical client marked this often: the whole model moved
 
 
 class ClientTable:
@@ -357,8 +361,9 @@ class Probing(Detector):
         # both marks' CUSUMs: tuned to half the client's queries marked, against a benign rate of the
         # neighbour quantile (the off-reference quantile is far smaller, but benign clients who favour
         # a few unusual images repeat them: the same rate leaves them room)
-        self.marks_p0 = p.mark_quantile
-        self.marks_h = cusum.threshold_for_ert(self.marks_p0, MARKED_P1, float(p.client_ert))
+        self.marks_h = cusum.threshold_for_ert(p.mark_quantile, MARKED_P1, float(p.client_ert))
+        self.typical = {"neighbours": p.mark_quantile, "off_reference": p.mark_quantile}
+        self.suspended: dict[str, bool] = {}
 
     # -- the batch -------------------------------------------------------------------------------
 
@@ -411,14 +416,16 @@ class Probing(Detector):
         hits: dict[int, dict[str, tuple[float, int]]] = {}  # segment -> signal -> (value, row index)
         fresh = ~(closest <= REPEAT)  # a retry of a recent query is not scored
 
-        # neighbours and off-reference: marks and their per-client CUSUMs
+        # neighbours and off-reference: marks and their per-client CUSUMs, against the benign rate or
+        # the typical client's recent rate when that is higher (a drift of the whole model moves
+        # every client off the reference: the drift detector reports it, not every client)
         off = self._tree().query(z, k=1)[0]
         for column, name, figure, marked, statistics in (
                 (0, "neighbours", knn, knn < self.neighbour_bound, table.near_statistic),
                 (2, "off_reference", off, off > self.off_bound, table.off_statistic)):
             scored = fresh & np.isfinite(figure)
-            end, crossed_at = seg.cusum(marked & scored, scored, statistics[slots], self.marks_p0, MARKED_P1,
-                                        self.marks_h)
+            steps = self._increments(name, seg, rows, marked & scored, scored)
+            end, crossed_at = seg.cusum(steps, statistics[slots], self.marks_h)
             evidence[:, column] = np.maximum(statistics[slots], end) / self.marks_h
             statistics[slots] = end
             for s in np.flatnonzero(crossed_at >= 0).tolist():
@@ -460,6 +467,46 @@ class Probing(Detector):
         table.evidence[slots] = np.maximum(evidence, 0)
         table.last_ts[slots] = ts[seg.ends - 1]
         return self._detections(batch, rows, seg, hits, before, evidence)
+
+    def _increments(self, name: str, seg: "_Segments", rows: np.ndarray, marked: np.ndarray,
+                    scored: np.ndarray) -> np.ndarray:
+        """The CUSUM's log-likelihood-ratio steps for each query (marked share ``MARKED_P1`` against
+        the benign one), with the benign share raised to what the typical client shows at the same
+        time: the median client's share in the query's slice of ``SLICE`` events of the batch (when
+        the slice has ``TYPICAL_CLIENTS`` clients: one attacker is not the median), or recently (a
+        half-life of ``TYPICAL_HALF_LIFE`` clients). Where the typical client is marked ``SUSPENDED``
+        of the time, the whole model moved (a drift, which the drift detector reports): every query
+        then counts as unmarked. The threshold stays the benign one's (larger shares make smaller
+        steps, so fewer false alarms)."""
+        p0 = self.params.mark_quantile
+        u = len(seg.slots)
+        owner = np.repeat(np.arange(u), seg.lengths)
+        slices = rows // SLICE
+        key = (slices * u + owner)[scored]
+        keys, inverse = np.unique(key, return_inverse=True)
+        share = np.bincount(inverse, weights=marked[scored]) / np.bincount(inverse)
+        slice_of = keys // u
+        order = np.lexsort((share, slice_of))
+        first, where, count = np.unique(slice_of[order], return_index=True, return_counts=True)
+        median = share[order][where + (count - 1) // 2]
+        typical = np.zeros(int(slices.max()) + 1 if len(slices) else 1)
+        typical[first[count >= TYPICAL_CLIENTS]] = median[count >= TYPICAL_CLIENTS]
+        clients = np.add.reduceat(scored.astype(np.int64), seg.starts)
+        shares = np.add.reduceat(marked.astype(np.int64), seg.starts)[clients > 0] / clients[clients > 0]
+        if len(shares):
+            weight = 1 - 0.5 ** (len(shares) / TYPICAL_HALF_LIFE)
+            self.typical[name] += weight * (float(np.median(shares)) - self.typical[name])
+        base = np.maximum(max(p0, self.typical[name]), typical[slices])
+        suspended = base >= SUSPENDED
+        if suspended.any() != self.suspended.get(name, False):
+            self.suspended[name] = bool(suspended.any())
+            log.info("%s: the typical client's %s share is %s", self.model, name,
+                     f"{base.max():.0%}: the whole model moved (a drift), the signal waits"
+                     if suspended.any() else "back to normal: the signal is on again")
+        base = np.minimum(base, SUSPENDED)
+        up, down = np.log(MARKED_P1 / base), np.log((1 - MARKED_P1) / (1 - base))
+        steps = np.where(marked & ~suspended, up, np.where(scored, down, 0.0))
+        return steps
 
     def _rates(self, seg: "_Segments", ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(each client's rate evidence, the segments that flood): exponentially decayed query counts
@@ -646,17 +693,15 @@ class _Segments:
         ring[self.slots] = sequence[index]
         ring_class[self.slots] = sequence_codes[index]
 
-    def cusum(self, marks: np.ndarray, scored: np.ndarray, start: np.ndarray, p0: float, p1: float,
-              h: float) -> tuple[np.ndarray, np.ndarray]:
-        """A Bernoulli CUSUM per client over its scored queries: (statistic at the end, row of the first
-        crossing or -1). A client that crosses restarts at 0 after it (its later crossings in the batch
-        wait for its cooldown anyway)."""
-        a, b, step = cusum._grid(p0, p1)
-        w = np.where(marks, a * step, np.where(scored, -b * step, 0.0))
-        c = np.cumsum(w)
-        c_start = np.repeat(c[self.starts] - w[self.starts], self.lengths)
+    def cusum(self, steps: np.ndarray, start: np.ndarray, h: float) -> tuple[np.ndarray, np.ndarray]:
+        """A CUSUM per client over its queries' ``steps``: (statistic at the end, row of the first
+        crossing of ``h`` or -1). A client that crosses restarts at 0 after the batch (its later
+        crossings in the batch would wait for its cooldown anyway). Lindley's recursion per client:
+        ``S = C - min(0, running min of C)`` with ``C`` the running sum from the client's start."""
+        c = np.cumsum(steps)
+        c_start = np.repeat(c[self.starts] - steps[self.starts], self.lengths)
         c = c - c_start + np.repeat(start, self.lengths)
-        # a running minimum restarting per segment: shift each segment below all earlier ones
+        # a running minimum restarting per client: shift each client below all earlier ones
         spread = float(np.abs(c).max()) * 2 + 1.0 if len(c) else 1.0
         shift = np.repeat(np.arange(len(self.starts), dtype=np.float64) * -spread, self.lengths)
         running = np.minimum.accumulate(c + shift) - shift
@@ -671,16 +716,17 @@ class _Segments:
         return end, first
 
     def append_distances(self, dist: np.ndarray, dist_count: np.ndarray, nearest: np.ndarray) -> np.ndarray:
-        """Append each client's finite new distances to its ring of recent ones; returns how many."""
+        """Append each client's finite new distances to its ring of recent ones (the ring is laid out
+        before them, and the last ``size`` entries of each client's run are kept); returns how many."""
         finite = np.isfinite(nearest)
-        counts = np.add.reduceat(finite.astype(np.int64), self.starts) if self.n else np.zeros(0, np.int64)
-        size = dist.shape[1]
-        for s in np.flatnonzero(counts).tolist():  # per client with new distances: a concatenation
-            slot = self.slots[s]
-            new = nearest[self.starts[s]: self.ends[s]]
-            new = new[np.isfinite(new)]
-            have = int(min(dist_count[slot], size))
-            joined = np.concatenate([dist[slot, size - have:], new])[-size:]
-            dist[slot, size - len(joined):] = joined
-            dist_count[slot] += len(new)
+        counts = np.add.reduceat(finite.astype(np.int64), self.starts)
+        kept = np.flatnonzero(finite)
+        size, u = dist.shape[1], len(self.slots)
+        base = np.arange(u) * size + np.cumsum(counts) - counts  # where client s's ring begins
+        sequence = np.empty(u * size + len(kept), dtype=dist.dtype)
+        sequence[(base[:, None] + np.arange(size)[None, :]).ravel()] = dist[self.slots].ravel()
+        rank = np.arange(len(kept)) - np.repeat(np.cumsum(counts) - counts, counts)
+        sequence[np.repeat(base + size, counts) + rank] = nearest[kept]
+        dist[self.slots] = sequence[(base + counts)[:, None] + np.arange(size)[None, :]]
+        dist_count[self.slots] += counts
         return counts
