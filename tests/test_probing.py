@@ -83,12 +83,7 @@ def test_benign_clients_of_every_kind_are_not_flagged(w):
     assert d.describe()["clients_tracked"] == 200
 
 
-MISSED = pytest.mark.xfail(strict=True, reason=(
-    "issue 4 open: Jacobian augmentation (lambda 0.1, its steps only on pixels the substitute weighs) is "
-    "not told apart within 100 queries from benign clients re-capturing the same images; see bench/RESULTS.md"))
-
-
-@pytest.mark.parametrize("attack", [pytest.param(a, marks=MISSED) if a == "jacobian" else a for a in sorted(ATTACKS)])
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
 def test_each_attack_is_detected_within_100_of_its_queries_among_benign_clients(w, attack):
     rng = np.random.default_rng(2)
     streams = {f"benign-{i}": benign_client(w, rng, 200) for i in range(40)}

@@ -2,7 +2,7 @@
 
 Every client's queries are projected into a few dimensions learnt from the model's benign reference
 (the top principal components of the standardized features, plus the norm of what they leave out, so
-that inputs off the reference's subspace stand far away) and kept in a short ring per client. Five
+that inputs off the reference's subspace stand far away) and kept in a short ring per client. Six
 signals are read per client, each calibrated on the benign reference:
 
 - **neighbours** (Chen, Carlini, Wagner 2019, "Stateful detection of black-box adversarial attacks"):
@@ -28,6 +28,12 @@ signals are read per client, each calibrated on the benign reference:
   Random and synthetic queries, which evade both tests above, are marked at nearly every query. (A
   windowed MMD of the client's queries against the reference was tried first: benign clients who
   favour a few images are not independent draws from the reference, and it flagged a fifth of them.)
+- **steps**: the share of the client's queries that differ from its closest earlier query (in the
+  same batch) by one step size on most of the features that changed: sign-gradient steps
+  (``x + lambda sign(g)``), the mark of Jacobian-based dataset augmentation (Papernot et al. 2017) and
+  of FGSM-style searches; natural variation does not move many features by one amount. The bound is
+  the reference clients' ``1 - mark_quantile`` quantile (at least a half), so discrete features (whose
+  changes are often one unit) raise it out of reach; the same kind of CUSUM watches the marks.
 - **boundary**: the share of the client's queries near the decision boundary, from the
   ``confidence`` detector's per-client figures (its low-confidence marks over the client's queries,
   against the share its per-client CUSUM is tuned to), when that detector runs on the model. It
@@ -38,7 +44,7 @@ signals are read per client, each calibrated on the benign reference:
   ``min_rate`` queries a second.
 
 One client risk (the largest signal over its bound) and one detection per kind and ``cooldown``:
-``model_extraction`` (PRADA, off-reference), ``adversarial_probing`` (neighbours; boundary with
+``model_extraction`` (PRADA, off-reference, steps), ``adversarial_probing`` (neighbours; boundary with
 neighbours three quarters up), ``query_flood`` (rate), each naming the signals that fired, their
 values and bounds, and the others' current values.
 
@@ -69,10 +75,13 @@ log = logging.getLogger("inferwatch.detectors.probing")
 MARKED_P1 = 0.5  # the marks' CUSUMs are tuned to half of a client's queries marked
 BENIGN_ROOM = 10  # ... against benign clients marked this many times as often as the reference's queries
 REPEAT = 1e-6  # a query this close to one of the client's recent ones is a repeat
+STEP_SAME = 0.01  # changes within this fraction of the median change are "the same step"
+STEP_FLOOR = 0.5  # a query is a step when at least this share of its changed features moved the same
 SIMULATED_CLIENTS = 200  # benign reference clients drawn for the calibration
 SIMULATED_QUERIES = 240  # queries of each (PRADA needs `distances` + a few tests)
-SIGNALS = ("neighbours", "prada", "off_reference", "boundary", "rate")
+SIGNALS = ("neighbours", "prada", "off_reference", "boundary", "rate", "steps")
 KINDS = {"neighbours": "adversarial_probing", "boundary": "adversarial_probing", "prada": "model_extraction",
+         "steps": "model_extraction",
          "off_reference": "model_extraction", "rate": "query_flood"}
 PROTECT = 0.5  # a client whose risk reaches this is not evicted for a new one
 CORROBORATE = 0.75  # PRADA and the boundary share fire with another signal this far up
@@ -111,6 +120,7 @@ class ClientTable:
         self.since_test = grown(g("since_test"), (), np.int64)
         self.near_statistic = grown(g("near_statistic"), (), np.float64)  # the neighbour marks' CUSUM
         self.off_statistic = grown(g("off_statistic"), (), np.float64)  # the off-reference marks' CUSUM
+        self.steps_statistic = grown(g("steps_statistic"), (), np.float64)  # the step marks' CUSUM
         self.rate_fast = grown(g("rate_fast"), (), np.float64)
         self.rate_slow = grown(g("rate_slow"), (), np.float64)
         self.last_ts = grown(g("last_ts"), (), np.float64, -math.inf)
@@ -315,10 +325,10 @@ class Probing(Detector):
         self.whiten = _whitening(standard[:half])
         self.off_bound = float(np.quantile(self._mahalanobis(standard[half:]), 1 - p.off_quantile))
         self.whiten = _whitening(standard)
-        self.reference_z, self.reference_codes = z.astype(np.float32), codes
+        self.reference_z, self.reference_codes, self.reference_x = z.astype(np.float32), codes, x
         self._calibrate()
         self.clients = ClientTable(p.max_clients, p.history, z.shape[1], p.distances)
-        self.reference_z = self.reference_codes = None  # bounded memory: the bounds are all that is kept
+        self.reference_z = self.reference_codes = self.reference_x = None  # the bounds are all that is kept
         self.built = True
         log.info("%s: probing reference built from %d queries: neighbour bound %.3g, PRADA bound W < %.3f, "
                  "off-reference bound %.3g", self.model, len(x), self.neighbour_bound, self.prada_bound,
@@ -351,12 +361,14 @@ class Probing(Detector):
         z, codes = self.reference_z, self.reference_codes
         by_class = [np.flatnonzero(codes == c) for c in range(len(self.class_codes) + 1)]
         by_class = [rows for rows in by_class if len(rows) >= 2 * p.k + 2]
-        neighbour, w = [], []
+        neighbour, w, steps = [], [], []
         for i in range(SIMULATED_CLIENTS):
             pool = by_class[rng.integers(len(by_class))] if i % 2 and by_class else np.arange(len(z))
             rows = rng.permutation(pool)[:SIMULATED_QUERIES]
-            knn, nearest, _ = _distances(z[rows], codes[rows], p.history, p.k)
+            knn, nearest, _, parent = _distances(z[rows], codes[rows], p.history, p.k)
             neighbour.append(knn[np.isfinite(knn)])
+            has = np.flatnonzero(parent >= 0)
+            steps.append(_step_shares(self.reference_x[rows[has]] - self.reference_x[rows[parent[has]]]))
             d = nearest[np.isfinite(nearest)]
             if len(d) >= p.distances:
                 ends = np.arange(p.distances, len(d) + 1, p.test_every)
@@ -364,12 +376,16 @@ class Probing(Detector):
         neighbour_all = np.concatenate(neighbour) if neighbour else np.zeros(0)
         self.neighbour_bound = float(np.quantile(neighbour_all, p.mark_quantile)) if len(neighbour_all) else 0.0
         self.prada_bound = float(np.quantile(np.concatenate(w), p.check_quantile)) if w else 0.0
+        # steps: benign changes do not move many features by one amount, unless the features are
+        # discrete (counts, flags): then the bound rises towards 1 and the signal all but stops
+        shares = np.concatenate(steps) if steps else np.zeros(1)
+        self.steps_bound = max(STEP_FLOOR, float(np.quantile(shares, 1 - p.mark_quantile)) + 1e-9)
         # both marks' CUSUMs: tuned to half the client's queries marked, against benign clients marked
         # BENIGN_ROOM times as often as the reference's simulated clients: real ones re-capture the
         # same few images, which the reference's distinct rows do not show (bench/probing_quality.py)
         self.marks_p0 = min(BENIGN_ROOM * max(p.mark_quantile, p.off_quantile), 0.1)
         self.marks_h = cusum.threshold_for_ert(self.marks_p0, MARKED_P1, float(p.client_ert))
-        self.typical = {"neighbours": self.marks_p0, "off_reference": self.marks_p0}
+        self.typical = {"neighbours": self.marks_p0, "off_reference": self.marks_p0, "steps": self.marks_p0}
         self.suspended: dict[str, bool] = {}
 
     # -- the batch -------------------------------------------------------------------------------
@@ -398,16 +414,18 @@ class Probing(Detector):
         rows_a, slots, ts = rows_a[tracked], slots[tracked], ts[tracked]
         if len(rows_a) == 0:
             return []
-        z, standard = self._project(np.nan_to_num(matrix[rows_a], nan=0.0, posinf=0.0, neginf=0.0))
+        x = np.nan_to_num(matrix[rows_a], nan=0.0, posinf=0.0, neginf=0.0)
+        z, standard = self._project(x)
         classes = batch.classes
         codes = self._codes([classes[i] for i in rows_a.tolist()])
         order = np.argsort(slots, kind="stable")
         segments = _Segments(slots[order])
-        found = self._signals(batch, rows_a[order], segments, z[order], standard[order], codes[order], ts[order])
+        found = self._signals(batch, rows_a[order], segments, x[order], z[order], standard[order], codes[order],
+                              ts[order])
         self.seen += len(rows_a)
         return found
 
-    def _signals(self, batch: ModelBatch, rows: np.ndarray, seg: "_Segments", z: np.ndarray,
+    def _signals(self, batch: ModelBatch, rows: np.ndarray, seg: "_Segments", x: np.ndarray, z: np.ndarray,
                  standard: np.ndarray, codes: np.ndarray, ts: np.ndarray) -> list[Detection]:
         p, table = self.params, self.clients
         slots = seg.slots
@@ -415,7 +433,15 @@ class Probing(Detector):
         # entries before it (its client's ring and its own earlier queries of the batch)
         sequence, sequence_codes, valid, positions = seg.with_history(table.ring, table.ring_class,
                                                                       table.queries, z, codes)
-        knn, nearest, closest = _gathered_distances(sequence, sequence_codes, valid, positions, p.k)
+        knn, nearest, closest, parent = _gathered_distances(sequence, sequence_codes, valid, positions, p.k)
+        # steps: each query against its closest earlier one, when that one is in this batch (the rings
+        # keep projections only; an attacker sends most of a search within one batch)
+        row_at = np.full(len(sequence), -1, dtype=np.int64)
+        row_at[positions] = np.arange(len(positions))
+        parent_row = np.where(parent >= 0, row_at[np.maximum(parent, 0)], -1)
+        stepped = np.flatnonzero(parent_row >= 0)
+        step_share = np.full(len(positions), np.nan)
+        step_share[stepped] = _step_shares(x[stepped] - x[parent_row[stepped]])
         seg.keep_history(table.ring, table.ring_class, sequence, sequence_codes, positions)
         before = table.queries[slots].copy()
         table.queries[slots] += seg.lengths
@@ -429,7 +455,8 @@ class Probing(Detector):
         off = self._mahalanobis(standard)
         for column, name, figure, marked, statistics in (
                 (0, "neighbours", knn, knn < self.neighbour_bound, table.near_statistic),
-                (2, "off_reference", off, off > self.off_bound, table.off_statistic)):
+                (2, "off_reference", off, off > self.off_bound, table.off_statistic),
+                (5, "steps", step_share, step_share >= self.steps_bound, table.steps_statistic)):
             scored = fresh & np.isfinite(figure)
             steps = self._increments(name, seg, rows, marked & scored, scored)
             end, crossed_at = seg.cusum(steps, statistics[slots], self.marks_h)
@@ -580,6 +607,8 @@ class Probing(Detector):
                   "off_reference": f"Mahalanobis distance from the reference above {self.off_bound:.3g} "
                                    "for most queries",
                   "boundary": "low-confidence share above the confidence detector's per-client threshold",
+                  "steps": f"at least {self.steps_bound:.0%} of the changed features moved by one amount from "
+                           "an earlier query, for most queries",
                   "rate": f"query rate at least {self.params.rate_factor:g}x the active clients' "
                           f"{self.params.rate_quantile:.0%} quantile and {self.params.min_rate:g}/s"}
         why = "; ".join(f"{sig} ({bounds[sig]}: {fired[sig][0]:.3g})" for sig in signals)
@@ -610,7 +639,7 @@ class Probing(Detector):
             "state": "armed", "clients_tracked": len(tracked), "alarms": self.alarms, "untracked_queries": self.untracked,
             "bytes_per_client": table.bytes_per_client(),
             "bounds": {"neighbours": self.neighbour_bound, "prada_w": self.prada_bound,
-                       "off_reference": self.off_bound, "marks_cusum": self.marks_h},
+                       "off_reference": self.off_bound, "steps": self.steps_bound, "marks_cusum": self.marks_h},
             "top_clients": [{"client_id": table.ids[s], "risk": float(table.evidence[s].max()),
                              "signals": dict(zip(SIGNALS, table.evidence[s].round(3).tolist())),
                              "queries": int(table.queries[s])} for s in top],
@@ -629,25 +658,46 @@ def _whitening(standard: np.ndarray) -> np.ndarray:
     return vectors / np.sqrt(values)
 
 
-def _distances(z: np.ndarray, codes: np.ndarray, history: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """One client's queries in order: ``_gathered_distances`` with an empty ring."""
+def _distances(z: np.ndarray, codes: np.ndarray, history: int, k: int) -> tuple[np.ndarray, ...]:
+    """One client's queries in order: ``_gathered_distances`` with an empty ring (the closest earlier
+    query as an index into ``z``)."""
     n = len(z)
     sequence = np.concatenate([np.zeros((history, z.shape[1]), np.float32), z.astype(np.float32)])
     sequence_codes = np.concatenate([np.full(history, -1, np.int16), codes.astype(np.int16)])
     valid = np.concatenate([np.zeros(history, bool), np.ones(n, bool)])
-    return _gathered_distances(sequence, sequence_codes, valid, history + np.arange(n), k)
+    knn, nearest, closest, parent = _gathered_distances(sequence, sequence_codes, valid, history + np.arange(n), k)
+    return knn, nearest, closest, np.where(parent >= 0, parent - history, -1)
+
+
+def _step_shares(delta: np.ndarray) -> np.ndarray:
+    """For each row of changes from an earlier query, the share of the changed features that moved by
+    the same amount (within STEP_SAME of the median change): near 1 for a sign-gradient step
+    (x + lambda sign(g), as in Jacobian augmentation or FGSM-style searches), near 0 for natural
+    variation. 0 for rows with fewer than an eighth of the features (and 4) changed."""
+    size = np.abs(delta)
+    changed = size > 1e-9
+    count = changed.sum(axis=1)
+    enough = count >= max(4, delta.shape[1] // 8)
+    out = np.zeros(len(delta))
+    if enough.any():
+        size, changed, count = size[enough], changed[enough], count[enough]
+        median = np.nanmedian(np.where(changed, size, np.nan), axis=1)
+        same = changed & (np.abs(size - median[:, None]) <= STEP_SAME * median[:, None])
+        out[enough] = same.sum(axis=1) / count
+    return out
 
 
 def _gathered_distances(sequence: np.ndarray, sequence_codes: np.ndarray, valid: np.ndarray,
-                        positions: np.ndarray, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        positions: np.ndarray, k: int, chunk: int = 4096) -> tuple[np.ndarray, ...]:
     """For the query at each of ``positions`` in ``sequence``, the ``history`` entries before it are its
     client's (the caller lays out every client as its ring, then its new queries): the mean of the k
-    smallest distances among the valid ones, the smallest to one of the same class, and the smallest
-    (inf where there is none)."""
+    smallest distances among the valid ones, the smallest to one of the same class, the smallest
+    (inf where there is none), and where in ``sequence`` the closest one is (-1 where none)."""
     history = int(positions.min()) if len(positions) else 0
     knn = np.full(len(positions), np.inf)
     nearest = np.full(len(positions), np.inf)
     closest = np.full(len(positions), np.inf)
+    parent = np.full(len(positions), -1, dtype=np.int64)
     offsets = np.arange(-history, 0)
     for lo in range(0, len(positions), chunk):
         at = positions[lo: lo + chunk]
@@ -662,7 +712,9 @@ def _gathered_distances(sequence: np.ndarray, sequence_codes: np.ndarray, valid:
         same = ok & (sequence_codes[index] == sequence_codes[at][:, None])
         nearest[lo: lo + chunk] = np.where(same, d, np.inf).min(axis=1)
         closest[lo: lo + chunk] = d.min(axis=1)
-    return knn, nearest, closest
+        nearest_at = index[np.arange(len(at)), d.argmin(axis=1)]
+        parent[lo: lo + chunk] = np.where(np.isfinite(closest[lo: lo + chunk]), nearest_at, -1)
+    return knn, nearest, closest, parent
 
 
 class _Segments:
