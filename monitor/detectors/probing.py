@@ -11,7 +11,7 @@ signals are read per client, each calibrated on the benign reference:
   benign client re-sending one image a few times does not make).
   A query is marked when that is below the ``mark_quantile`` of benign reference clients (clients
   drawing one class only, the narrowest benign use), and a Bernoulli CUSUM on the marks, calibrated to
-  ``client_ert`` queries between false alarms for clients marked ten times as often, alarms.
+  ``client_ert`` queries between false alarms for clients marked ``benign_marks`` of the time, alarms.
   Searches that query around one input (NES gradient estimation, boundary walks) mark nearly every
   query.
 - **PRADA** (Juuti et al. 2019): the distance of each query to the client's nearest earlier query of
@@ -73,7 +73,6 @@ from monitor.errors import ConfigError
 log = logging.getLogger("inferwatch.detectors.probing")
 
 MARKED_P1 = 0.5  # the marks' CUSUMs are tuned to half of a client's queries marked
-BENIGN_ROOM = 10  # ... against benign clients marked this many times as often as the reference's queries
 REPEAT = 1e-6  # a query this close to one of the client's recent ones is a repeat
 STEP_SAME = 0.01  # changes within this fraction of the median change are "the same step"
 STEP_FLOOR = 0.5  # a query is a step when at least this share of its changed features moved the same
@@ -192,7 +191,8 @@ class Probing(Detector):
         history: int = 64  # recent queries kept per client
         k: int = 8  # neighbours of the stateful test
         mark_quantile: float = 0.003  # a query is marked below this quantile of benign neighbour distances
-        client_ert: float = 1_000_000  # queries between false alarms of a client's neighbour marks
+        benign_marks: float = 0.1  # the marks' CUSUMs leave benign clients this share of marked queries
+        client_ert: float = 1_000_000  # queries between false alarms of a client's marks' CUSUMs
         distances: int = 100  # PRADA: the last distances tested (the paper: at least 100)
         test_every: int = 10  # PRADA: a test every this many new distances
         check_quantile: float = 0.001  # PRADA: the bound on W is this quantile over benign clients
@@ -218,6 +218,8 @@ class Probing(Detector):
                 return "k", f"expected 2 <= k < history <= 1024, got k={self.k}, history={self.history}"
             if self.distances < 20 or self.test_every < 1:
                 return "distances", "expected distances >= 20 and test_every >= 1"
+            if not 0 < self.benign_marks < 0.4:
+                return "benign_marks", f"expected a share between 0 and 0.4, got {self.benign_marks}"
             if not 0 < self.mark_quantile < 0.5 or not 0 < self.check_quantile < 0.5:
                 return "mark_quantile", "expected quantiles between 0 and 0.5"
             if not 0 < self.off_quantile < 0.1:
@@ -380,10 +382,11 @@ class Probing(Detector):
         # discrete (counts, flags): then the bound rises towards 1 and the signal all but stops
         shares = np.concatenate(steps) if steps else np.zeros(1)
         self.steps_bound = max(STEP_FLOOR, float(np.quantile(shares, 1 - p.mark_quantile)) + 1e-9)
-        # both marks' CUSUMs: tuned to half the client's queries marked, against benign clients marked
-        # BENIGN_ROOM times as often as the reference's simulated clients: real ones re-capture the
-        # same few images, which the reference's distinct rows do not show (bench/probing_quality.py)
-        self.marks_p0 = min(BENIGN_ROOM * max(p.mark_quantile, p.off_quantile), 0.1)
+        # the marks' CUSUMs: tuned to half the client's queries marked, against benign clients marked
+        # `benign_marks` of the time, far more than the reference's simulated clients are: real ones
+        # re-capture the same few images, which the reference's distinct rows do not show
+        # (bench/probing_quality.py: at 1% and 3% a narrow client in 100 or 200 was flagged)
+        self.marks_p0 = max(p.benign_marks, p.mark_quantile, p.off_quantile)
         self.marks_h = cusum.threshold_for_ert(self.marks_p0, MARKED_P1, float(p.client_ert))
         self.typical = {"neighbours": self.marks_p0, "off_reference": self.marks_p0, "steps": self.marks_p0}
         self.suspended: dict[str, bool] = {}
@@ -506,9 +509,9 @@ class Probing(Detector):
                     scored: np.ndarray) -> np.ndarray:
         """The CUSUM's log-likelihood-ratio steps for each query (marked share ``MARKED_P1`` against
         the benign one), with the benign share raised to what the typical client shows at the same
-        time: the median client's share in the query's slice of ``SLICE`` events of the batch (when
-        the slice has ``TYPICAL_CLIENTS`` clients: one attacker is not the median), or recently (a
-        half-life of ``TYPICAL_HALF_LIFE`` clients). Where the typical client is marked ``SUSPENDED``
+        time: the median client's share in the query's slice of ``SLICE`` events of the batch, or
+        recently (a half-life of ``TYPICAL_HALF_LIFE`` clients), both from slices and batches of at
+        least ``TYPICAL_CLIENTS`` clients (one attacker alone is not the typical client). Where the typical client is marked ``SUSPENDED``
         of the time, the whole model moved (a drift, which the drift detector reports): every query
         then counts as unmarked. The threshold stays the benign one's (larger shares make smaller
         steps, so fewer false alarms)."""
@@ -527,7 +530,7 @@ class Probing(Detector):
         typical[first[count >= TYPICAL_CLIENTS]] = median[count >= TYPICAL_CLIENTS]
         clients = np.add.reduceat(scored.astype(np.int64), seg.starts)
         shares = np.add.reduceat(marked.astype(np.int64), seg.starts)[clients > 0] / clients[clients > 0]
-        if len(shares):
+        if len(shares) >= TYPICAL_CLIENTS:  # a lone client (an attacker on a quiet model) is nobody's typical
             weight = 1 - 0.5 ** (len(shares) / TYPICAL_HALF_LIFE)
             self.typical[name] += weight * (float(np.median(shares)) - self.typical[name])
         base = np.maximum(max(p0, self.typical[name]), typical[slices])
