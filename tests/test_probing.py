@@ -235,3 +235,22 @@ def test_on_kafka_the_daemon_reports_the_attacker_and_no_benign_client(broker, t
     assert d.metric("inferwatch_detections_total", model="digits", detector="probing",
                     kind="adversarial_probing", severity=first["severity"]) >= 1
     assert d.stop() == 0
+
+
+def test_a_client_placed_earlier_in_a_batch_keeps_its_slot_when_the_table_is_full(w):
+    rng = np.random.default_rng(9)
+    d = armed(w, max_clients=1)
+    run(w, d, w.reference(20, rng), ["alice"] * 10 + ["bob"] * 10, T0 + 5000 + np.arange(20.0))
+    assert d.clients.ids == ["alice"] and int(d.clients.queries[0]) == 10
+    assert d.untracked == 10  # bob found the table full of clients of this very batch
+
+
+def test_events_without_features_do_not_count_towards_the_reference(w):
+    rng = np.random.default_rng(10)
+    d = Probing("digits", Probing.Params(reference_size=200))
+    bare = [_decoder.decode(msgspec.json.encode({"event_id": f"b{i}", "ts": T0 + i, "model": "digits",
+                                                 "client_id": "c"})) for i in range(300)]
+    d.update(ModelBatch("digits", bare, [Rec(i) for i in range(300)]))
+    assert not d.built
+    d.update(batch(w, w.reference(300, rng), ["c"] * 300, T0 + 400 + np.arange(300.0)))
+    assert d.built

@@ -142,18 +142,21 @@ class ClientTable:
         """The slot of each client (-1: not tracked, the table is full of suspicious clients)."""
         out = np.empty(len(clients), dtype=np.int64)
         slot_of = self.slot_of
+        busy: set[int] = set()  # slots this batch already uses: never evicted for a later row
         for i, client in enumerate(clients):
             slot = slot_of.get(client)
             if slot is None:
-                slot = self._admit(client, now, idle)
+                slot = self._admit(client, now, idle, busy)
             out[i] = slot
+            if slot >= 0:
+                busy.add(slot)
         return out
 
-    def _admit(self, client: str, now: float, idle: float) -> int:
+    def _admit(self, client: str, now: float, idle: float, busy: set[int]) -> int:
         if not self.free and self.size < self.capacity:
             self._grow(min(self.capacity, 2 * self.size))
         if not self.free:
-            self._evict(now, idle)
+            self._evict(now, idle, busy)
         if not self.free:
             return -1
         slot = self.free.pop()
@@ -163,9 +166,11 @@ class ClientTable:
         self.slot_of[client] = slot
         return slot
 
-    def _evict(self, now: float, idle: float) -> None:
-        """Idle clients first; then the least recently seen eighth of those that are not suspicious."""
+    def _evict(self, now: float, idle: float, busy: set[int]) -> None:
+        """Idle clients first; then the least recently seen eighth of those that are not suspicious
+        (and not in the batch being placed)."""
         protected = (self.evidence.max(axis=1) >= PROTECT) | (self.quiet_until.max(axis=1) > self.queries)
+        protected[list(busy)] = True
         gone = np.flatnonzero((now - self.last_ts > idle) & ~protected)
         if len(gone) == 0:
             candidates = np.flatnonzero(~protected)
@@ -176,6 +181,7 @@ class ClientTable:
         for slot in gone.tolist():
             del self.slot_of[self.ids[slot]]
             self.ids[slot] = None
+            self.reset(slot)  # out of the rate population too
             self.free.append(slot)
 
 
@@ -265,10 +271,10 @@ class Probing(Detector):
         rows = np.flatnonzero(mask[:take])
         classes = batch.classes
         self.learning.append((matrix[rows], [classes[i] for i in rows.tolist()]))
-        self.learned += take
+        self.learned += len(rows)  # feature vectors: events without them do not fill the reference
         if self.learned >= self.params.reference_size:
             self._build(self.learning)
-            self.learning = []
+            self.learning, self.learned = [], 0  # built, or too few usable vectors: learn anew
         return take
 
     def _build_from_file(self) -> None:
@@ -565,7 +571,7 @@ class Probing(Detector):
             added = np.add.reduceat(np.exp(-np.maximum(np.repeat(end_ts, seg.lengths) - ts, 0) / tau), seg.starts)
             counts[slots] = decayed + added
             rate = counts[slots] / tau  # queries a second
-            population = counts[active] * np.exp(-(now - table.last_ts[active]) / tau) / tau
+            population = counts[active] * np.exp(-np.maximum(now - table.last_ts[active], 0) / tau) / tau
             # without the busiest client: in a small population it would set its own bound
             others = np.sort(population)[:-1]
             heavy = float(np.quantile(others, p.rate_quantile)) if len(others) else 0.0
@@ -594,13 +600,15 @@ class Probing(Detector):
                     continue
                 table.quiet_until[slot, k] = query + self.params.cooldown
                 self.alarms += 1
+                own = rows[seg.starts[s]: row + 1][-10:]  # the client's queries up to the alarm
                 found.append(self._detection(batch, int(rows[row]), table.ids[slot], kind, signals, fired,
-                                             evidence[s], query))
+                                             evidence[s], query, own))
         found.sort(key=lambda d: d.ts)
         return found
 
     def _detection(self, batch: ModelBatch, index: int, client: str, kind: str, signals: list[str],
-                   fired: dict[str, tuple[float, int]], evidence: np.ndarray, query: int) -> Detection:
+                   fired: dict[str, tuple[float, int]], evidence: np.ndarray, query: int,
+                   own: np.ndarray) -> Detection:
         event = batch.events[index]
         topic, partition, offset = batch.source(index)
         risk = float(evidence.max())
@@ -626,7 +634,7 @@ class Probing(Detector):
             evidence={"signals": {sig: round(float(evidence[i]), 4) for i, sig in enumerate(SIGNALS)},
                       "fired": {sig: {"value": fired[sig][0], "bound": bounds[sig]} for sig in signals},
                       "client_queries": query, "risk": risk,
-                      "event_ids": [e.event_id for e in batch.events[max(0, index - 9): index + 1]]},
+                      "event_ids": [batch.events[i].event_id for i in own.tolist()]},
             source={"topic": topic, "partition": partition, "offset": offset},
         )
 
@@ -693,8 +701,8 @@ def _step_shares(delta: np.ndarray) -> np.ndarray:
 def _gathered_distances(sequence: np.ndarray, sequence_codes: np.ndarray, valid: np.ndarray,
                         positions: np.ndarray, k: int, chunk: int = 4096) -> tuple[np.ndarray, ...]:
     """For the query at each of ``positions`` in ``sequence``, the ``history`` entries before it are its
-    client's (the caller lays out every client as its ring, then its new queries): the mean of the k
-    smallest distances among the valid ones, the smallest to one of the same class, the smallest
+    client's (the caller lays out every client as its ring, then its new queries): the k-th smallest
+    distance among the valid ones, the smallest to one of the same class, the smallest
     (inf where there is none), and where in ``sequence`` the closest one is (-1 where none)."""
     history = int(positions.min()) if len(positions) else 0
     knn = np.full(len(positions), np.inf)
