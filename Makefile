@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-alibi bench bench-drift clean
+.PHONY: install demo test test-alibi bench bench-drift bench-probing clean
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ bench: install
 
 bench-drift: install
 	$(BIN)/python bench/drift_quality.py
+
+bench-probing: install
+	$(BIN)/python bench/probing_quality.py
 
 clean:
 	rm -rf $(VENV) $(ALIBI_VENV) build *.egg-info .pytest_cache

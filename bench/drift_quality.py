@@ -634,28 +634,9 @@ def print_stream(stream: Stream, tallies: dict[str, Tally], args: argparse.Names
 
 
 def code_version() -> str:
-    """Which drift detector ran: the git commit of this tree, and whether the detector's files differ
-    from it (the numbers belong to the code as it was when they were taken)."""
-    import hashlib
-    import subprocess
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    files = [os.path.join("monitor", "detectors", f) for f in ("drift.py", "rank_cusum.py", "cusum.py")]
-    digest = hashlib.sha256()
-    for f in files:
-        try:
-            with open(os.path.join(root, f), "rb") as fh:
-                digest.update(fh.read())
-        except OSError:
-            pass
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--", *files],
-                               capture_output=True, timeout=10).returncode != 0
-    except (OSError, subprocess.SubprocessError):
-        head, dirty = "", False
-    where = f"commit {head}" + (" with uncommitted changes to the detector" if dirty else "") if head else "no git"
-    return f"detector files sha256 {digest.hexdigest()[:12]} ({where})"
+    """Which code ran (bench/provenance.py)."""
+    from provenance import code_version as version
+    return version([os.path.join("monitor", "detectors", f) for f in ("drift.py", "rank_cusum.py", "cusum.py")], "detector files")
 
 
 def main() -> None:

@@ -56,10 +56,8 @@ arrays over its slots. The references' µs/event are their mean over the main st
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -401,26 +399,10 @@ def queries_summary(firsts: dict[int, First], members: list[int], budget: int) -
 
 
 def code_version() -> str:
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    files = [os.path.join("monitor", "detectors", f) for f in ("probing.py", "shapiro.py", "cusum.py")]
-    files += [os.path.join("tests", "probing_workload.py"), os.path.join("bench", "probing_references.py")]
-    digest = hashlib.sha256()
-    for f in files:
-        try:
-            with open(os.path.join(root, f), "rb") as fh:
-                digest.update(fh.read())
-        except OSError:
-            pass
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", *files], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        head, status = "", ""
-    where = (f"commit {head}" + (" with uncommitted or untracked detector/workload files" if status else "")
-             if head else "no git")
-    return f"detector + workload + references sha256 {digest.hexdigest()[:12]} ({where})"
+    """Which code ran (bench/provenance.py)."""
+    from provenance import code_version as version
+    return version([os.path.join("monitor", "detectors", f) for f in ("probing.py", "shapiro.py", "cusum.py")]
+            + [os.path.join("tests", "probing_workload.py"), os.path.join("bench", "probing_references.py")], "detector, workload and reference files")
 
 
 def main() -> None:
