@@ -63,6 +63,7 @@ class Pipeline:
         self.tracked = 0
         self._overflow = ModelRoute(OTHER_MODEL, [], OTHER_MODEL)
         self._warned_limit = False
+        self._untracked: dict[tuple[str, str], int] = {}  # per (model, detector): untracked queries exported
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -210,6 +211,12 @@ class Pipeline:
                 m.detector_errors.labels(detector.name).inc()
                 continue
             found_all.extend(found)
+            if (counts := detector.client_counts()) is not None:
+                tracked, untracked = counts
+                m.clients_tracked.labels(route.label, detector.name).set(tracked)
+                key = (route.label, detector.name)
+                m.clients_untracked.labels(*key).inc(max(0, untracked - self._untracked.get(key, 0)))
+                self._untracked[key] = untracked
         # metrics last: a failure above leaves them untouched (the events become dead letters instead)
         route.events += len(events)
         batch_ts = float(batch.ts[-1])

@@ -32,7 +32,9 @@ def worked_metrics() -> Metrics:
     model over the limit, a failing detector, a checkpoint, and the lag of a partition."""
     metrics = Metrics()
     metrics.build.info({"version": "test"})
-    pipeline = Pipeline(load_config(None, {"limits.max_models": 2}), metrics)
+    pipeline = Pipeline(load_config(None, {"limits.max_models": 2,
+                                           "detectors": {"drift": {}, "confidence": {"reference_size": 1000}}}),
+                        metrics)
     rng = random.Random(5)
     events = [{"event_id": f"e{i}", "ts": 1_764_000_000 + i * 0.01, "model": "fraud",
                "confidence": min(1.0, rng.gauss(0.93, 0.02)) if i < 3000 else rng.gauss(0.6, 0.05)}

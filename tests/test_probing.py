@@ -234,6 +234,8 @@ def test_on_kafka_the_daemon_reports_the_attacker_and_no_benign_client(broker, t
     assert first["atlas"][0] == "AML.T0043.001" and first["source"]["topic"] == topics["logs"]
     assert d.metric("inferwatch_detections_total", model="digits", detector="probing",
                     kind="adversarial_probing", severity=first["severity"]) >= 1
+    assert d.metric("inferwatch_clients_tracked", model="digits", detector="probing") == len(streams)
+    assert d.metric("inferwatch_untracked_queries_total", model="digits", detector="probing") == 0
     assert d.stop() == 0
 
 

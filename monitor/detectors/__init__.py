@@ -154,6 +154,11 @@ class Detector:
     def update(self, batch: ModelBatch) -> list[Detection]:
         raise NotImplementedError
 
+    def client_counts(self) -> tuple[int, int] | None:
+        """For a detector that keeps per-client state: (clients tracked, queries of clients it could not
+        track since it started); None otherwise. Exported as metrics."""
+        return None
+
     def bind(self, peers: list["Detector"]) -> None:
         """Called once with the model's detectors (in the order they run), for a detector that reads
         another's figures; the detectors it reads run before it."""

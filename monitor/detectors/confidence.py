@@ -344,6 +344,9 @@ class LowConfidence(Detector):
 
     # -- for people and for the probing detector ------------------------------------------------
 
+    def client_counts(self) -> tuple[int, int]:
+        return len(self.clients), 0  # a new client always finds room: eviction makes it
+
     def client_figures(self) -> dict[str, tuple[int, int, float]]:
         """client -> (events, low-confidence marks, CUSUM statistic)."""
         return {c: (st.events, st.marks, st.statistic) for c, st in self.clients.items()}

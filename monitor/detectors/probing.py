@@ -256,6 +256,9 @@ class Probing(Detector):
         """Read the confidence detector's per-client figures, when it runs on the same model."""
         self.confidence = next((p for p in peers if p.name == "confidence"), None)
 
+    def client_counts(self) -> tuple[int, int]:
+        return (len(self.clients.slot_of) if self.clients is not None else 0), self.untracked
+
     def state(self) -> dict[str, Any]:
         return {k: v for k, v in super().state().items() if k != "confidence"}
 

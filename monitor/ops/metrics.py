@@ -39,6 +39,12 @@ class Metrics:
             ["model"], registry=r)
         self.models_tracked = Gauge(
             "inferwatch_models_tracked", "Models with detectors built (bounded by limits.max_models)", registry=r)
+        self.clients_tracked = Gauge(
+            "inferwatch_clients_tracked", "Clients a per-client detector holds state for (bounded by its max_clients)",
+            ["model", "detector"], registry=r)
+        self.clients_untracked = Counter(
+            "inferwatch_untracked_queries", "Queries of clients a per-client detector could not track: its table "
+            "was full of suspicious clients", ["model", "detector"], registry=r)
         self.detector_errors = Counter(
             "inferwatch_detector_errors", "Batches a detector failed on (a bug: see the log)", ["detector"], registry=r)
         self.publish_failures = Counter(
