@@ -436,3 +436,30 @@ def test_an_unreadable_reference_falls_back_and_the_learnt_one_survives_a_restar
     again = Drift("digits", d.params)
     again.restore(pickle.loads(pickle.dumps(d.state())))
     assert again.built and again.learned == 1023  # the same unusable file: the learnt reference is kept
+
+
+def test_a_checkpoint_of_charts_calibrated_another_way_is_rebuilt_not_restored(digits):
+    """Charts that read sums of 8 events (calibration 1) restored into charts that step every event
+    would alarm several times too often: such a state is dropped and the reference learnt again."""
+    d = armed(digits, np.random.default_rng(12))
+    state = pickle.loads(pickle.dumps(d.state()))
+    state.pop("calibration")  # as a checkpoint written before calibration 2 has it
+    fresh = Drift("digits", d.params)
+    fresh.restore(state)
+    assert not fresh.built
+    fresh.restore(pickle.loads(pickle.dumps(d.state())))
+    assert fresh.built
+
+
+def test_a_tuning_too_small_for_the_reference_is_dropped_not_fatal():
+    rng = np.random.default_rng(4)
+    d = Drift("m", Drift.Params(ert=100_000, reference_size=127, shifts=[0.25, 1.0], multivariate=False,
+                                classes=False, labels=False, streams=[], features=True))
+    decoder = EventDecoder()
+    events = [decoder.decode(json.dumps({"event_id": f"e{i}", "ts": T0 + i, "model": "m",
+                                         "features": row.round(5).tolist()}).encode())
+              for i, row in enumerate(rng.normal(size=(127, 2)))]
+    d.update(ModelBatch("m", events, [Rec(i) for i in range(127)]))
+    assert d.built
+    names = {c.name for c in d.groups["features"].charts}
+    assert "mean up (1 sd)" in names and "mean up (0.25 sd)" not in names  # 127 rows cannot tell 0.25 sd

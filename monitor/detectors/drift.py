@@ -77,6 +77,9 @@ Stream = Literal["confidence", "prediction", "latency_ms", "cpu_ms", "memory_mb"
 
 CRITICAL_EXCESS = 1.5  # a statistic this far past its threshold SOON events after crossing: critical
 SOON = 64  # charted events after a crossing at which the excess over the threshold is read (severity)
+# The charts' calibration method: a checkpoint from another is rebuilt, not restored (charts on sums
+# of 8 events, version 1, restored into charts that step every event alarmed several times too often).
+CALIBRATION = 2
 RECENT = 500  # rows kept per column group to summarise the current window of an alarm
 MIN_REFERENCE = 2 * rank_cusum.BINS - 1  # the smallest reference that fills the bins twice
 
@@ -134,9 +137,15 @@ class ColumnGroup:
         """Thresholds for one false alarm per ``arl`` charted events, averaged over the
         sampling error of this group's reference (``rank_cusum.reference_threshold``)."""
         per_bin = self.bins.per_bin
-        self.charts = [msgspec.structs.replace(
-            c, h=rank_cusum.reference_threshold(c.score, c.sign, c.k, arl, 1, per_bin))
-            for c in self.charts]
+        charts = []
+        for c in self.charts:
+            try:
+                charts.append(msgspec.structs.replace(
+                    c, h=rank_cusum.reference_threshold(c.score, c.sign, c.k, arl, 1, per_bin)))
+            except ValueError as exc:  # a tuning too small for this reference to tell from no change
+                log.warning("%s: no %s chart: %s", ", ".join(self.names[:3]), c.name, exc)
+        self.charts = charts
+        self.statistics = np.zeros((len(charts), len(self.names)), dtype=np.int64)
 
     def update(self, values: np.ndarray) -> list[tuple[int, int, int, float]]:
         """Run the charts over ``values`` (n x columns, no NaN). Returns the alarms as
@@ -286,8 +295,8 @@ class Drift(Detector):
                 return "reference", problem
             if self.reference_size < MIN_REFERENCE:
                 return "reference_size", f"expected at least {MIN_REFERENCE} events, got {self.reference_size}"
-            if not self.shifts or any(not 0.05 <= s <= 5 for s in self.shifts):
-                return "shifts", f"expected one or more mean shifts between 0.05 and 5 sd, got {self.shifts}"
+            if not self.shifts or any(not 0.25 <= s <= 5 for s in self.shifts):
+                return "shifts", f"expected one or more mean shifts between 0.25 and 5 sd, got {self.shifts}"
             if self.spread is not None and not 1.05 <= self.spread <= 5:
                 return "spread", f"expected an sd ratio between 1.05 and 5 (or null), got {self.spread}"
             if not 1.05 <= self.class_shift <= 10:
@@ -308,6 +317,7 @@ class Drift(Detector):
 
     def __init__(self, model: str, params: Params):
         super().__init__(model, params)
+        self.calibration = CALIBRATION  # checkpoints of another calibration are rebuilt
         self.reference_id = "stream"  # or the reference file's identity
         self.learning: dict[str, list[Any]] = {"features": [], "classes": [], "errors": []}
         self.learning.update({s: [] for s in self._rank_streams()})
@@ -359,6 +369,10 @@ class Drift(Detector):
     # -- state ----------------------------------------------------------------------------------
 
     def restore(self, state: dict[str, Any]) -> None:
+        if state.get("calibration") != CALIBRATION:
+            log.info("%s: the drift checkpoint's charts were calibrated by an older version; building the "
+                     "reference anew", self.model)
+            return
         if reference_file.still_valid(state, self.params.reference, self.model):
             super().restore(state)
 
