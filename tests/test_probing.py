@@ -256,3 +256,13 @@ def test_events_without_features_do_not_count_towards_the_reference(w):
     assert not d.built
     d.update(batch(w, w.reference(300, rng), ["c"] * 300, T0 + 400 + np.arange(300.0)))
     assert d.built
+
+
+def test_a_model_without_features_keeps_nothing(w):
+    d = Probing("llm", Probing.Params(reference_size=200))
+    for b in range(50):
+        events = [_decoder.decode(msgspec.json.encode({"event_id": f"b{b}-{i}", "ts": T0 + b * 100 + i,
+                                                       "model": "llm", "client_id": f"c{i % 7}",
+                                                       "latency_ms": 300.0})) for i in range(100)]
+        assert d.update(ModelBatch("llm", events, [Rec(i) for i in range(100)])) == []
+    assert not d.built and d.learning == [] and d.learned == 0

@@ -273,7 +273,8 @@ class Probing(Detector):
         take = min(self.params.reference_size - self.learned, len(batch))
         rows = np.flatnonzero(mask[:take])
         classes = batch.classes
-        self.learning.append((matrix[rows], [classes[i] for i in rows.tolist()]))
+        if len(rows):  # a model without features (an LLM's latency-only log) keeps nothing
+            self.learning.append((matrix[rows], [classes[i] for i in rows.tolist()]))
         self.learned += len(rows)  # feature vectors: events without them do not fill the reference
         if self.learned >= self.params.reference_size:
             self._build(self.learning)
