@@ -424,7 +424,8 @@ def calibrate_kswin(stream: Stream, replica: KswinReplica, ert: float, runs: int
 
 
 class Alibi:
-    def __init__(self, stream: Stream, ert: float, windows: list[int], bootstraps: int | None, quick: bool):
+    def __init__(self, stream: Stream, ert: float, windows: list[int], bootstraps: int | None, quick: bool,
+                 seed: int | None = None):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from alibi_detect.cd import CVMDriftOnline
         beta = 1 - (1 - 1 / ert) ** (1 / stream.d)
@@ -435,6 +436,8 @@ class Alibi:
         progress(f"  alibi CVMDriftOnline: configuring ({self.bootstraps:,} bootstrap streams, windows {windows}, "
                  f"reference {len(reference)} x {stream.d}) ...")
         start = time.perf_counter()
+        if seed is not None:  # alibi simulates its thresholds with numpy's global generator
+            np.random.seed(seed)
         self.detector = CVMDriftOnline(reference, ert=ert, window_sizes=windows, n_bootstraps=self.bootstraps,
                                        verbose=False)
         self.config_s = time.perf_counter() - start
@@ -477,10 +480,11 @@ def bench_stream(stream: Stream, args: argparse.Namespace, use: dict[str, bool])
 
     ours = None
     if use["ours"]:
-        ours = Ours(ert, args.reference_size, args.batch, stream.names, args.sample_every,
+        ours_ert = args.ours_ert or ert
+        ours = Ours(ours_ert, args.reference_size, args.batch, stream.names, args.sample_every,
                     json.loads(args.drift_params))
         tallies["ours"] = Tally("ours (Drift)",
-                                f"ert {ert:g}, reference {args.reference_size}, batches of {args.batch}",
+                                f"ert {ours_ert:g}, reference {args.reference_size}, batches of {args.batch}",
                                 null_horizon=null_horizon)
     if use["river"]:
         delta, achieved, seconds, steps = calibrate_adwin(stream, ert, args.calibration_runs, change_at)
@@ -512,7 +516,7 @@ def bench_stream(stream: Stream, args: argparse.Namespace, use: dict[str, bool])
                 raise SystemExit(f"KSWIN replica disagrees with river: river alarms at {got}, the replica at {want}")
     alibi = None
     if use["alibi"]:
-        alibi = Alibi(stream, ert, args.alibi_windows, args.alibi_bootstraps, args.quick)
+        alibi = Alibi(stream, ert, args.alibi_windows, args.alibi_bootstraps, args.quick, args.alibi_seed)
         tallies["alibi"] = Tally("alibi CVMDriftOnline",
                                  f"windows {args.alibi_windows}, {alibi.bootstraps:,} bootstraps",
                                  config_s=alibi.config_s, null_horizon=null_horizon)
@@ -647,6 +651,12 @@ def main() -> None:
     parser.add_argument("--gaussian-features", type=int, default=8)
     parser.add_argument("--reference-size", type=int, default=1023)
     parser.add_argument("--batch", type=int, default=2000, help="events per batch for ours")
+    parser.add_argument("--alibi-seed", type=int, default=None,
+                        help="seed numpy's global generator before alibi configures (its thresholds are "
+                             "simulated with it: without a seed each run has its own calibration)")
+    parser.add_argument("--ours-ert", type=float, default=None, metavar="EVENTS",
+                        help="run ours at this ERT instead (the others stay at --ert): to compare delays at "
+                             "matched false alarms when ours is more conservative than another detector")
     parser.add_argument("--drift-params", default="{}", metavar="JSON",
                         help='more parameters of our detector, e.g. \'{"shifts": [0.5, 2.0]}\' (default: none)')
     parser.add_argument("--sample-every", type=int, default=1,
