@@ -248,17 +248,7 @@ class LowConfidence(Detector):
                   for code in sorted_codes[starts].tolist()]
         s0 = np.fromiter((st.statistic if st is not None else 0.0 for st in states), dtype=np.float64,
                          count=len(states))
-        # C: the running sum from each client's statistic, restarted at each client's first event
-        run_length = ends - starts
-        csum = np.cumsum(w)
-        before = np.repeat(csum[starts] - w[starts], run_length)
-        c = csum - before + np.repeat(s0, run_length)
-        # a running minimum restarting per client: each client is shifted below all earlier ones by more
-        # than the range of C (a small multiple, so float64 keeps its precision)
-        spread = float(c.max() - c.min()) + 1.0 if len(c) else 1.0
-        shift = np.repeat(np.arange(len(starts), dtype=np.float64) * -spread, run_length)
-        running_min = np.minimum.accumulate(c + shift) - shift
-        s = c - np.minimum(running_min, 0.0)
+        s = cusum.per_segment(w, starts, ends - starts, s0)
         crossed = np.maximum.reduceat(s, starts) > h
         marks_sorted = marks[order]
         n_marks = np.add.reduceat(marks_sorted, starts)

@@ -113,6 +113,22 @@ def run(indicators: np.ndarray, p0: float, p1: float, h: float, start: float = 0
     return np.asarray(alarms, dtype=np.int64), 0.0
 
 
+def per_segment(steps: np.ndarray, starts: np.ndarray, lengths: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The CUSUM statistic after each step, for many streams laid end to end (stream ``j`` is
+    ``steps[starts[j]: starts[j] + lengths[j]]``, starting from ``start[j]``), every stream at once:
+    Lindley's recursion ``S = C - min(0, running min of C)`` with ``C`` each stream's running sum, the
+    running minimum restarted per stream by shifting each stream below all earlier ones (by a small
+    multiple of the range of ``C``, so float64 keeps its precision)."""
+    if len(steps) == 0:
+        return np.zeros(0)
+    c = np.cumsum(steps)
+    c = c - np.repeat(c[starts] - steps[starts], lengths) + np.repeat(start, lengths)
+    spread = float(c.max() - c.min()) + 1.0
+    shift = np.repeat(np.arange(len(starts), dtype=np.float64) * -spread, lengths)
+    running = np.minimum.accumulate(c + shift) - shift
+    return c - np.minimum(running, 0.0)
+
+
 def adjustment(values: np.ndarray, probs: np.ndarray, k: float) -> np.ndarray:
     """Per row of ``probs``, the positive root ``theta`` of ``log E exp(theta (x - k)) = 0`` for
     increments ``x - k`` with negative mean: a CUSUM's run length grows as ``exp(theta h)``

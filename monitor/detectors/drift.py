@@ -479,16 +479,15 @@ class Drift(Detector):
                              + len(self.class_charts))
         # Union bound: each chart gets ert x (charts it shares the ERT with). A column's charts alarm
         # together more often than that bound assumes, so a column counts for fewer charts
-        # (rank_cusum.effective_charts); that count depends on the run length itself, so it is taken
-        # twice, each time at a run length at least the final one (it errs towards fewer false alarms).
+        # (rank_cusum.effective_charts). That count grows with the run length, and is taken at the
+        # union bound's, which is at least the final one: it errs towards fewer false alarms.
         # The charts read one event in sample_every: their run length, in the events they read, is
         # shorter by that factor for the same false alarms per event of the stream.
-        counted = float(self.charts_total)
-        for _ in range(2):
-            self.arl = rank_cusum.rounded_arl(float(p.ert) * max(1.0, counted))
-            counted = len(self.class_charts) + sum(
-                len(g.names) * rank_cusum.effective_charts(g.family(), self.arl / p.sample_every)
-                for g in self.groups.values())
+        union = rank_cusum.rounded_arl(float(p.ert) * max(1, self.charts_total))
+        counted = len(self.class_charts) + sum(
+            len(g.names) * rank_cusum.effective_charts(g.family(), union / p.sample_every)
+            for g in self.groups.values())
+        self.arl = rank_cusum.rounded_arl(float(p.ert) * max(1.0, counted))
         charted_arl = self.arl / p.sample_every
         for group in self.groups.values():
             group.calibrate(charted_arl)

@@ -82,6 +82,7 @@ SIGNALS = ("neighbours", "prada", "off_reference", "boundary", "rate", "steps")
 KINDS = {"neighbours": "adversarial_probing", "boundary": "adversarial_probing", "prada": "model_extraction",
          "steps": "model_extraction",
          "off_reference": "model_extraction", "rate": "query_flood"}
+KIND_ORDER = ("model_extraction", "adversarial_probing", "query_flood")  # columns of quiet_until
 PROTECT = 0.5  # a client whose risk reaches this is not evicted for a new one
 CORROBORATE = 0.75  # PRADA and the boundary share fire with another signal this far up
 TYPICAL_HALF_LIFE = 20  # clients: how fast the typical client's marked share follows the stream
@@ -95,7 +96,23 @@ class ClientTable:
 
     def __init__(self, capacity: int, history: int, dims: int, distances: int):
         self.capacity = capacity
-        self.shapes = {"ring": (history, dims), "ring_class": (history,), "dist": (distances,)}
+        # name: (shape per client, dtype, value of an empty slot)
+        self.fields = {
+            "ring": ((history, dims), np.float32, 0),  # recent queries, projected, oldest first
+            "ring_class": ((history,), np.int16, -1),
+            "queries": ((), np.int64, 0),  # queries seen (the ring holds the last `history`)
+            "dist": ((distances,), np.float32, 0),  # PRADA's recent distances, oldest first
+            "dist_count": ((), np.int64, 0),
+            "since_test": ((), np.int64, 0),
+            "near_statistic": ((), np.float64, 0),  # the marks' CUSUMs: neighbours, off-reference, steps
+            "off_statistic": ((), np.float64, 0),
+            "steps_statistic": ((), np.float64, 0),
+            "rate_fast": ((), np.float64, 0),
+            "rate_slow": ((), np.float64, 0),
+            "last_ts": ((), np.float64, -math.inf),
+            "evidence": ((len(SIGNALS),), np.float32, 0),
+            "quiet_until": ((len(KIND_ORDER),), np.int64, 0),  # per kind, in the client's queries
+        }
         self.size = 0
         self.ids: list[str | None] = []
         self.slot_of: dict[str, int] = {}
@@ -103,40 +120,22 @@ class ClientTable:
         self._grow(min(capacity, 64))
 
     def _grow(self, size: int) -> None:
-        def grown(old: np.ndarray | None, shape: tuple, dtype: Any, fill: Any = 0) -> np.ndarray:
-            new = np.full((size, *shape), fill, dtype=dtype)
-            if old is not None:
-                new[: len(old)] = old
-            return new
-
         old = self.size
-        g = self.__dict__.get
-        self.ring = grown(g("ring"), self.shapes["ring"], np.float32)
-        self.ring_class = grown(g("ring_class"), self.shapes["ring_class"], np.int16, -1)
-        self.queries = grown(g("queries"), (), np.int64)  # queries seen (the ring holds the last `history`)
-        self.dist = grown(g("dist"), self.shapes["dist"], np.float32)
-        self.dist_count = grown(g("dist_count"), (), np.int64)
-        self.since_test = grown(g("since_test"), (), np.int64)
-        self.near_statistic = grown(g("near_statistic"), (), np.float64)  # the neighbour marks' CUSUM
-        self.off_statistic = grown(g("off_statistic"), (), np.float64)  # the off-reference marks' CUSUM
-        self.steps_statistic = grown(g("steps_statistic"), (), np.float64)  # the step marks' CUSUM
-        self.rate_fast = grown(g("rate_fast"), (), np.float64)
-        self.rate_slow = grown(g("rate_slow"), (), np.float64)
-        self.last_ts = grown(g("last_ts"), (), np.float64, -math.inf)
-        self.evidence = grown(g("evidence"), (len(SIGNALS),), np.float32)
-        self.quiet_until = grown(g("quiet_until"), (3,), np.int64)  # per kind, in the client's queries
+        for name, (shape, dtype, empty) in self.fields.items():
+            grown = np.full((size, *shape), empty, dtype=dtype)
+            if old:
+                grown[:old] = getattr(self, name)
+            setattr(self, name, grown)
         self.ids.extend([None] * (size - old))
         self.free.extend(range(size - 1, old - 1, -1))
         self.size = size
 
     def bytes_per_client(self) -> int:
-        arrays = [a for a in self.__dict__.values() if isinstance(a, np.ndarray)]
-        return sum(a.nbytes for a in arrays) // max(1, self.size)
+        return sum(getattr(self, name).nbytes for name in self.fields) // max(1, self.size)
 
     def reset(self, slot: int) -> None:
-        for name, value in self.__dict__.items():
-            if isinstance(value, np.ndarray):
-                value[slot] = -1 if name == "ring_class" else (-math.inf if name == "last_ts" else 0)
+        for name, (_, _, empty) in self.fields.items():
+            getattr(self, name)[slot] = empty
 
     def slots(self, clients: list[str], now: float, idle: float) -> np.ndarray:
         """The slot of each client (-1: not tracked, the table is full of suspicious clients)."""
@@ -248,7 +247,6 @@ class Probing(Detector):
         self.confidence: Any = None  # the model's confidence detector, when it runs (bound by the pipeline)
         self.alarms = 0
         self.untracked = 0  # queries of clients that found the table full of suspicious clients
-        self.seen = 0
 
     # -- peers, state ----------------------------------------------------------------------------
 
@@ -299,7 +297,7 @@ class Probing(Detector):
             self.reference_id = reference_file.fall_back(log, self.model, exc, path, self.params.reference_size)
 
     def _build(self, parts: list[tuple[np.ndarray, list[str | None]]]) -> None:
-        """The projection, the class-conditional embedding means and covariance, and the bounds."""
+        """The standardization, the projection, the class codes, the whitening and the bounds."""
         p = self.params
         vectors = [m for m, _ in parts if m.ndim == 2 and m.shape[0]]
         if not vectors:
@@ -329,7 +327,6 @@ class Probing(Detector):
                 counted[n] = counted.get(n, 0) + 1
         self.class_codes = {c: i for i, c in enumerate(sorted(c for c, count in counted.items() if count >= 20))}
         codes = self._codes(names)
-        # off the reference: beyond the reference's own spacing (each query's nearest other one)
         # off the reference: the Mahalanobis distance of the standardized query (every feature, not the
         # projection: synthetic queries move along directions the reference hardly varies in), its
         # bound the 1 - off_quantile quantile over the reference's second half, fitted on the first
@@ -433,10 +430,8 @@ class Probing(Detector):
         codes = self._codes([classes[i] for i in rows_a.tolist()])
         order = np.argsort(slots, kind="stable")
         segments = _Segments(slots[order])
-        found = self._signals(batch, rows_a[order], segments, x[order], z[order], standard[order], codes[order],
-                              ts[order])
-        self.seen += len(rows_a)
-        return found
+        return self._signals(batch, rows_a[order], segments, x[order], z[order], standard[order], codes[order],
+                             ts[order])
 
     def _signals(self, batch: ModelBatch, rows: np.ndarray, seg: "_Segments", x: np.ndarray, z: np.ndarray,
                  standard: np.ndarray, codes: np.ndarray, ts: np.ndarray) -> list[Detection]:
@@ -512,7 +507,6 @@ class Probing(Detector):
             hits.setdefault(s, {})["rate"] = (float(evidence[s, 4]), int(seg.ends[s] - 1))
 
         table.evidence[slots] = np.maximum(evidence, 0)
-        table.last_ts[slots] = ts[seg.ends - 1]
         return self._detections(batch, rows, seg, hits, before, evidence)
 
     def _increments(self, name: str, seg: "_Segments", rows: np.ndarray, marked: np.ndarray,
@@ -521,9 +515,9 @@ class Probing(Detector):
         the benign one), with the benign share raised to what the typical client shows at the same
         time: the median client's share in the query's slice of ``SLICE`` events of the batch, or
         recently (a half-life of ``TYPICAL_HALF_LIFE`` clients), both from slices and batches of at
-        least ``TYPICAL_CLIENTS`` clients (one attacker alone is not the typical client). Where the typical client is marked ``SUSPENDED``
-        of the time, the whole model moved (a drift, which the drift detector reports): every query
-        then counts as unmarked. The threshold stays the benign one's (larger shares make smaller
+        least ``TYPICAL_CLIENTS`` clients (one attacker alone is not the typical client). Where the
+        typical client is marked ``SUSPENDED`` of the time, the whole model moved (a drift, which the
+        drift detector reports): every query then counts as unmarked. The threshold stays the benign one's (larger shares make smaller
         steps, so fewer false alarms)."""
         p0 = self.marks_p0
         u = len(seg.slots)
@@ -590,14 +584,13 @@ class Probing(Detector):
                     hits: dict[int, dict[str, tuple[float, int]]], before: np.ndarray,
                     evidence: np.ndarray) -> list[Detection]:
         table, found = self.clients, []
-        kinds = ["model_extraction", "adversarial_probing", "query_flood"]
         for s, fired in sorted(hits.items()):
             slot = int(seg.slots[s])
             by_kind: dict[str, list[str]] = {}
             for signal in fired:
                 by_kind.setdefault(KINDS[signal], []).append(signal)
             for kind, signals in by_kind.items():
-                k = kinds.index(kind)
+                k = KIND_ORDER.index(kind)
                 row = min(fired[sig][1] for sig in signals)
                 query = int(before[s] + row - seg.starts[s] + 1)  # the client's query count at the alarm
                 if query < table.quiet_until[slot, k]:
@@ -779,16 +772,8 @@ class _Segments:
     def cusum(self, steps: np.ndarray, start: np.ndarray, h: float) -> tuple[np.ndarray, np.ndarray]:
         """A CUSUM per client over its queries' ``steps``: (statistic at the end, row of the first
         crossing of ``h`` or -1). A client that crosses restarts at 0 after the batch (its later
-        crossings in the batch would wait for its cooldown anyway). Lindley's recursion per client:
-        ``S = C - min(0, running min of C)`` with ``C`` the running sum from the client's start."""
-        c = np.cumsum(steps)
-        c_start = np.repeat(c[self.starts] - steps[self.starts], self.lengths)
-        c = c - c_start + np.repeat(start, self.lengths)
-        # a running minimum restarting per client: shift each client below all earlier ones
-        spread = float(np.abs(c).max()) * 2 + 1.0 if len(c) else 1.0
-        shift = np.repeat(np.arange(len(self.starts), dtype=np.float64) * -spread, self.lengths)
-        running = np.minimum.accumulate(c + shift) - shift
-        s = c - np.minimum(running, 0.0)
+        crossings in the batch would wait for its cooldown anyway)."""
+        s = cusum.per_segment(steps, self.starts, self.lengths, start)
         over = s > h
         crossed = np.maximum.reduceat(over.astype(np.int8), self.starts) > 0
         first = np.full(len(self.starts), -1, dtype=np.int64)
