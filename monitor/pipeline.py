@@ -90,7 +90,7 @@ class Pipeline:
                 except Exception:
                     log.exception("could not restore %s state of %s; starting fresh", name, model)
             detectors.append(detector)
-        detectors.sort(key=lambda d: d.name == "probing")  # it reads the confidence detector's figures
+        detectors.sort(key=lambda d: d.reads_peers)  # those that read others' figures run after them
         for detector in detectors:
             detector.bind(detectors)
         route = ModelRoute(model, detectors, model)

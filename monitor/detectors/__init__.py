@@ -146,6 +146,7 @@ class Detector:
 
     name: ClassVar[str]
     Params: ClassVar[type[msgspec.Struct]]
+    reads_peers: ClassVar[bool] = False  # reads other detectors' figures (``bind``): runs after them
 
     def __init__(self, model: str, params: msgspec.Struct):
         self.model = model

@@ -188,6 +188,7 @@ class Probing(Detector):
     """Per-client query probing: neighbours, PRADA, off-reference share, boundary share and rate."""
 
     name: ClassVar[str] = "probing"
+    reads_peers: ClassVar[bool] = True  # the confidence detector's per-client figures
 
     class Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         reference: str | None = None  # JSONL events or a .npy feature matrix; default: the first events
