@@ -75,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
         description="Runtime security monitor for deployed ML models: reads inference logs from Kafka\n"
                     "(or files), runs online detectors per model (today: drift of every feature, the feature\n"
                     "vector, confidence, latency, cost, class shares and error rate against a reference;\n"
-                    "low-confidence surges per model and per client; a saved alibi-detect detector) and publishes\n"
+                    "low-confidence surges per model and per client; per client, model extraction, black-box\n"
+                    "adversarial search and query floods; a saved alibi-detect detector) and publishes\n"
                     "detections, with bad input sent to a dead-letter topic.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"inferwatch {__version__}")
