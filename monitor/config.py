@@ -110,6 +110,37 @@ class State(Base):
     checkpoint_interval: Duration = "60s"
 
 
+class ScrapeTarget(Base):
+    url: str  # a model server's Prometheus endpoint, http(s)://host:port/metrics
+    model: str  # the model it serves: its figures go to that model's resource detector
+    name: str | None = None  # for metrics and reports; default host:port of the url (never its credentials)
+    cpu_seconds: str = "process_cpu_seconds_total"  # a counter of CPU seconds: charted as cores in use
+    memory_bytes: str = "process_resident_memory_bytes"  # summed over its series, charted in MB
+    gpu_utilization: str | None = "DCGM_FI_DEV_GPU_UTIL"  # percent, averaged over its series (NVIDIA DCGM)
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+
+class Scrape(Base):
+    every: Duration = "15s"
+    timeout: Duration = "5s"
+    targets: list[ScrapeTarget] = msgspec.field(default_factory=list)
+
+
+class Jobs(Base):
+    """Periodic work on APScheduler (the checkpoint's interval is ``state.checkpoint_interval``)."""
+
+    evict_idle_clients: Duration | None = "5m"  # forget clients idle past their detector's client_idle
+    reference_refresh: Duration | None = None  # e.g. 6h: resource baselines slide to recent events
+    scrape: Scrape = msgspec.field(default_factory=Scrape)
+
+
 class Logging(Base):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -125,6 +156,7 @@ class Config(Base):
     limits: Limits = msgspec.field(default_factory=Limits)
     http: Http = msgspec.field(default_factory=Http)
     state: State = msgspec.field(default_factory=State)
+    jobs: Jobs = msgspec.field(default_factory=Jobs)
     logging: Logging = msgspec.field(default_factory=Logging)
     source: str = "<defaults>"  # the file it came from, for messages; not a YAML key
 
@@ -242,6 +274,7 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError(f"{where}: $.state.checkpoint_interval: expected at least 1s")
     if _duration(where, "$.kafka.ack_timeout", config.kafka.ack_timeout) <= 0:
         raise ConfigError(f"{where}: $.kafka.ack_timeout: expected more than 0s")
+    _check_jobs(config)
     if not config.kafka.bootstrap_servers:
         raise ConfigError(f"{where}: $.kafka.bootstrap_servers: expected at least one host:port")
     for i, server in enumerate(config.kafka.bootstrap_servers):
@@ -264,6 +297,34 @@ def _check_semantics(config: Config) -> None:
             else:
                 merged = {**config.detectors.get(name, {}), **params}
                 registry.check_params(name, merged, path)
+
+
+def _check_jobs(config: Config) -> None:
+    from urllib.parse import urlsplit
+
+    where, jobs = config.source, config.jobs
+    for key in ("evict_idle_clients", "reference_refresh"):
+        value = getattr(jobs, key)
+        if value is not None and _duration(where, f"$.jobs.{key}", value) < 1:
+            raise ConfigError(f"{where}: $.jobs.{key}: expected at least 1s (or null: off)")
+    if _duration(where, "$.jobs.scrape.every", jobs.scrape.every) < 1:
+        raise ConfigError(f"{where}: $.jobs.scrape.every: expected at least 1s")
+    if _duration(where, "$.jobs.scrape.timeout", jobs.scrape.timeout) <= 0:
+        raise ConfigError(f"{where}: $.jobs.scrape.timeout: expected more than 0s")
+    names = set()
+    for i, target in enumerate(jobs.scrape.targets):
+        parts = urlsplit(target.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}: $.jobs.scrape.targets[{i}].url: expected an http(s)://host:port/path URL")
+        if target.label() in names:
+            raise ConfigError(f"{where}: $.jobs.scrape.targets[{i}]: two targets named {target.label()!r}; "
+                              "give them different names")
+        names.add(target.label())
+        if not config.watches(target.model):
+            raise ConfigError(f"{where}: $.jobs.scrape.targets[{i}].model: {target.model!r} is not watched (models.watch)")
+        if "resource" not in config.detector_params(target.model):
+            raise ConfigError(f"{where}: $.jobs.scrape.targets[{i}].model: the resource detector does not run on "
+                              f"{target.model!r}; scraped figures feed it (add detectors.resource)")
 
 
 def _duration(where: str, path: str, value: str | float) -> float:

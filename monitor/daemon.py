@@ -27,7 +27,7 @@ from monitor.ops.http import HttpServer
 from monitor.ops.metrics import Metrics
 from monitor.ops.scheduler import Jobs
 from monitor.ops.state import CheckpointStore
-from monitor.pipeline import Pipeline
+from monitor.pipeline import BatchResult, Pipeline
 from monitor.publish import FileOutputs, KafkaOutputs, PublishError, Spool
 
 log = logging.getLogger("inferwatch.daemon")
@@ -76,6 +76,7 @@ class DetectDaemon:
         self._last_loop = time.monotonic()
         self._stopped_at: float | None = None
         self.jobs = Jobs(self.metrics)
+        self.scraper: Any = None
         self.http: HttpServer | None = None
         if http:
             self.http = HttpServer(config.http.host, config.http.port, self.metrics, self.health, self.readiness)
@@ -124,13 +125,13 @@ class DetectDaemon:
             self.http.start()
             log.info("HTTP on %s:%d (/metrics, /healthz, /readyz)", self.config.http.host, self.http.port)
         tune_garbage_collector()
-        checkpoint_due = self.jobs.flag_every("checkpoint", seconds(self.config.state.checkpoint_interval))
+        due = self._schedule()
         self.jobs.start()
         try:
             if self.inputs:
-                self._run_files(checkpoint_due)
+                self._run_files(due)
             else:
-                self._run_kafka(checkpoint_due)
+                self._run_kafka(due)
         except KeyboardInterrupt:
             log.warning("stopped without the final commit")
             return 130
@@ -144,6 +145,58 @@ class DetectDaemon:
                 self.http.stop()
         log.info("stopped after %d events", self.processed)
         return 0
+
+    # -- scheduled jobs ------------------------------------------------------------------------
+
+    def _schedule(self) -> dict[str, threading.Event]:
+        """The jobs, on APScheduler. Those that touch detectors only raise a flag for the main loop; the
+        scrape runs on the scheduler's thread and queues its figures. A file run is a batch job: its
+        output must not depend on the wall clock, so it runs the checkpoint only."""
+        due = {"checkpoint": self.jobs.flag_every("checkpoint", seconds(self.config.state.checkpoint_interval))}
+        if self.inputs:
+            return due
+        jobs = self.config.jobs
+        if jobs.evict_idle_clients is not None:
+            due["evict_idle_clients"] = self.jobs.flag_every("evict_idle_clients", seconds(jobs.evict_idle_clients))
+        if jobs.reference_refresh is not None:
+            due["reference_refresh"] = self.jobs.flag_every("reference_refresh", seconds(jobs.reference_refresh))
+        if jobs.scrape.targets:
+            from monitor.ops.scrape import Scraper
+
+            self.scraper = Scraper(jobs.scrape.targets, seconds(jobs.scrape.timeout), self.metrics)
+            self.jobs.run_every("scrape", seconds(jobs.scrape.every), self.scraper.run)
+        return due
+
+    def _run_jobs(self, due: dict[str, threading.Event]) -> list[Detection]:
+        """The flagged jobs, between batches, and the scraped figures; returns what they detected."""
+        for name, flag in due.items():
+            if not flag.is_set():
+                continue
+            flag.clear()
+            if name == "checkpoint":
+                self._checkpoint("interval")
+                continue
+            try:
+                if name == "evict_idle_clients":
+                    gone = self.pipeline.evict_idle()
+                    if gone:
+                        log.info("forgot %d idle clients", gone)
+                elif name == "reference_refresh":
+                    for model, versions in self.pipeline.refresh_references().items():
+                        log.info("%s: resource baselines rebuilt from recent events for %s", model, ", ".join(versions))
+                self.jobs.done(name, True)
+            except Exception:
+                log.exception("scheduled job %s failed; the daemon goes on", name)
+                self.jobs.done(name, False)
+        found: list[Detection] = []
+        if self.scraper is not None:
+            for model, target, ts, figures in self.scraper.drain():
+                try:
+                    found.extend(self.pipeline.server_figures(model, target, ts, figures))
+                except Exception:
+                    log.exception("the figures scraped from %s could not be charted", target)
+                    self.metrics.detector_errors.labels("resource").inc()
+        return found
 
     def _checkpoint(self, reason: str) -> None:
         if self.store is None:
@@ -159,7 +212,7 @@ class DetectDaemon:
 
     # -- files ---------------------------------------------------------------------------------
 
-    def _run_files(self, checkpoint_due: threading.Event) -> None:
+    def _run_files(self, due: dict[str, threading.Event]) -> None:
         from monitor.sources.files import FileSource
 
         self.source = FileSource(self.inputs, self.config.kafka.poll.max_records, self.config.limits.max_message_bytes)
@@ -173,9 +226,7 @@ class DetectDaemon:
                 self.outputs.publish(result)
             self.metrics.batch_events.observe(len(records))
             self.processed += len(records)
-            if checkpoint_due.is_set():
-                checkpoint_due.clear()
-                self._checkpoint("interval")
+            self._run_jobs(due)
             if self.stopping.is_set():
                 log.info("stopping before the end of the input")
                 break
@@ -210,7 +261,7 @@ class DetectDaemon:
             self.outputs = None
             raise
 
-    def _run_kafka(self, checkpoint_due: threading.Event) -> None:
+    def _run_kafka(self, due: dict[str, threading.Event]) -> None:
         from monitor.sources.kafka import security_settings, wait_for_broker
 
         security_settings(self.config)  # a missing ${VAR} is a config error now, not an outage later
@@ -236,9 +287,10 @@ class DetectDaemon:
         last_lag, delivered = 0.0, True
         while not self.stopping.is_set():
             self._last_loop = time.monotonic()
-            if checkpoint_due.is_set():
-                checkpoint_due.clear()
-                self._checkpoint("interval")
+            found = self._run_jobs(due)
+            if found and not self._retrying("publishing outputs", lambda: self.outputs.publish(BatchResult(detections=found)),
+                                            self.metrics.publish_failures):
+                break
             try:
                 records = self.source.poll()
             except KafkaError as exc:

@@ -22,6 +22,7 @@ TAXONOMY: dict[str, tuple[list[str], list[str]]] = {
     "latency_anomaly": (["AML.T0029"], []),
     "resource_anomaly": (["AML.T0034.001", "AML.T0029"], []),
     "payload_anomaly": (["AML.T0029", "AML.T0034.001"], ["ML01"]),
+    "error_spike": (["AML.T0029"], []),
 }
 
 

@@ -229,6 +229,48 @@ class Pipeline:
         m.events.labels(route.label, "processed").inc(len(events))
         result.processed += len(events)
 
+    # -- scheduled work ------------------------------------------------------------------------
+
+    def evict_idle(self) -> int:
+        """The ``evict_idle_clients`` job: each per-client detector forgets the clients idle for longer
+        than its ``client_idle``, in the event time of its model's newest event. Returns how many."""
+        gone = 0
+        for route in self._routes():
+            for detector in route.detectors:
+                gone += detector.evict_idle(route.last_ts)
+                if (counts := detector.client_counts()) is not None:
+                    self.metrics.clients_tracked.labels(route.label, detector.name).set(counts[0])
+        return gone
+
+    def refresh_references(self) -> dict[str, list[str]]:
+        """The ``reference_refresh`` job: model -> versions whose resource baselines were rebuilt."""
+        out = {}
+        for route in self._routes():
+            for detector in route.detectors:
+                refresh = getattr(detector, "refresh", None)
+                if refresh is not None and (rebuilt := refresh()):
+                    out[route.model] = rebuilt
+        return out
+
+    def server_figures(self, model: str, target: str, ts: float, figures: dict[str, float]) -> list[Detection]:
+        """A model server's scraped figures, handed to the model's detectors that read them."""
+        route = self.routes.get(model, False)
+        if route is False:
+            route = self._route(model)
+        if route is None or route.label == OTHER_MODEL:
+            return []
+        found: list[Detection] = []
+        for detector in route.detectors:
+            observe = getattr(detector, "observe_server", None)
+            if observe is not None:
+                found.extend(observe(target, ts, figures))
+        for d in found:
+            self.metrics.detections.labels(route.label, d.detector, d.kind, d.severity).inc()
+        return found
+
+    def _routes(self) -> list[ModelRoute]:
+        return [r for r in self.routes.values() if r is not None and r.label != OTHER_MODEL]
+
     # -- state ---------------------------------------------------------------------------------
 
     def state(self) -> dict[str, dict[str, Any]]:
@@ -243,7 +285,7 @@ class Pipeline:
         return [
             {"model": r.model, "events": r.events, "last_event_ts": r.last_ts,
              "detectors": [d.describe() for d in r.detectors]}
-            for r in self.routes.values() if r is not None and r.label != OTHER_MODEL
+            for r in self._routes()
         ]
 
 

@@ -160,6 +160,11 @@ class Detector:
         track since it started); None otherwise. Exported as metrics."""
         return None
 
+    def evict_idle(self, now: float) -> int:
+        """For a detector with per-client state: forget the clients idle for longer than its
+        ``client_idle`` at event time ``now`` (the ``evict_idle_clients`` job); returns how many."""
+        return 0
+
     def bind(self, peers: list["Detector"]) -> None:
         """Called once with the model's detectors (in the order they run), for a detector that reads
         another's figures; the detectors it reads run before it."""
@@ -181,6 +186,7 @@ _BUILTINS = {
     "confidence": "monitor.detectors.confidence:LowConfidence",
     "alibi": "monitor.detectors.alibi_adapter:AlibiDetector",
     "probing": "monitor.detectors.probing:Probing",
+    "resource": "monitor.detectors.resource:Resource",
 }
 
 

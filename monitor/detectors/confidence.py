@@ -280,7 +280,7 @@ class LowConfidence(Detector):
                                                      float(window.mean()), len(window), h, self.params.client_ert,
                                                      base))
         if len(clients) > self.params.max_clients:
-            self._evict(float(batch.ts[-1]))
+            self.evict_idle(float(batch.ts[-1]), overflow=True)
         found.sort(key=lambda d: d.ts)
         return found
 
@@ -296,18 +296,23 @@ class LowConfidence(Detector):
         steps = math.ceil(math.log(rate / self.p0) / math.log(BASELINE_STEP))
         return min(self.p0 * BASELINE_STEP ** steps, 0.98 / self.params.shift)
 
-    def _evict(self, now: float) -> None:
-        """Forget idle clients, then the least recently seen; never one whose CUSUM is half-way up."""
+    def evict_idle(self, now: float, overflow: bool = False) -> int:
+        """Forget idle clients, then (``overflow``) the least recently seen beyond ``max_clients``; never
+        one whose CUSUM is half-way up. Returns how many."""
+        if self.client_h is None:
+            return 0
+        before = len(self.clients)
         keep_above = self.client_h / 2
         idle = [c for c, st in self.clients.items()
                 if now - st.last_ts > self.params.client_idle and st.statistic <= keep_above]
         for c in idle:
             del self.clients[c]
         excess = len(self.clients) - self.params.max_clients
-        if excess > 0:
+        if overflow and excess > 0:
             candidates = sorted((st.last_ts, c) for c, st in self.clients.items() if st.statistic <= keep_above)
             for _, c in candidates[: excess + self.params.max_clients // 10]:
                 del self.clients[c]
+        return before - len(self.clients)
 
     def _detection(self, batch: ModelBatch, index: int, client: str | None, rate: float, events: int,
                    h: float, ert: float, baseline: float | None = None) -> Detection:

@@ -165,11 +165,22 @@ class ClientTable:
         self.slot_of[client] = slot
         return slot
 
+    def evict_idle(self, now: float, idle: float) -> int:
+        """Forget the clients idle for longer than ``idle`` (not the suspicious ones); returns how many."""
+        occupied = np.fromiter((c is not None for c in self.ids), dtype=bool, count=self.size)
+        gone = np.flatnonzero((now - self.last_ts > idle) & ~self._protected(set()) & occupied)
+        self._release(gone)
+        return len(gone)
+
+    def _protected(self, busy: set[int]) -> np.ndarray:
+        protected = (self.evidence.max(axis=1) >= PROTECT) | (self.quiet_until.max(axis=1) > self.queries)
+        protected[list(busy)] = True
+        return protected
+
     def _evict(self, now: float, idle: float, busy: set[int]) -> None:
         """Idle clients first; then the least recently seen eighth of those that are not suspicious
         (and not in the batch being placed)."""
-        protected = (self.evidence.max(axis=1) >= PROTECT) | (self.quiet_until.max(axis=1) > self.queries)
-        protected[list(busy)] = True
+        protected = self._protected(busy)
         gone = np.flatnonzero((now - self.last_ts > idle) & ~protected)
         if len(gone) == 0:
             candidates = np.flatnonzero(~protected)
@@ -177,6 +188,9 @@ class ClientTable:
                 return
             take = max(1, len(candidates) // 8)
             gone = candidates[np.argpartition(self.last_ts[candidates], take - 1)[:take]]
+        self._release(gone)
+
+    def _release(self, gone: np.ndarray) -> None:
         for slot in gone.tolist():
             del self.slot_of[self.ids[slot]]
             self.ids[slot] = None
@@ -257,6 +271,9 @@ class Probing(Detector):
 
     def client_counts(self) -> tuple[int, int]:
         return (len(self.clients.slot_of) if self.clients is not None else 0), self.untracked
+
+    def evict_idle(self, now: float) -> int:
+        return self.clients.evict_idle(now, self.params.client_idle) if self.clients is not None else 0
 
     def state(self) -> dict[str, Any]:
         return {k: v for k, v in super().state().items() if k != "confidence"}

@@ -59,6 +59,11 @@ class Metrics:
             "inferwatch_job_last_run_timestamp_seconds", "When a scheduled job last finished", ["job"], registry=r)
         self.job_failures = Counter(
             "inferwatch_job_failures", "Scheduled job runs that raised", ["job"], registry=r)
+        self.scrape_up = Gauge(
+            "inferwatch_scrape_up", "1 when the last scrape of a model server's metrics worked", ["target"], registry=r)
+        self.server_resource = Gauge(
+            "inferwatch_server_resource", "A model server's figure from its last scrape (cpu_cores, memory_mb, "
+            "gpu_utilization)", ["model", "target", "figure"], registry=r)
         self.checkpoint_seconds = Gauge(
             "inferwatch_checkpoint_duration_seconds", "Time the last state checkpoint took", registry=r)
         self.build = Info("inferwatch_build", "Version of the running daemon", registry=r)

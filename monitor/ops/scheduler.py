@@ -5,12 +5,16 @@ counted, never fatal, and the last run shows in /metrics.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from monitor.ops.metrics import Metrics
+
+log = logging.getLogger("inferwatch.jobs")
 
 
 class Jobs:
@@ -24,6 +28,19 @@ class Jobs:
         flag = self.due.setdefault(name, threading.Event())
         self.scheduler.add_job(flag.set, "interval", seconds=seconds, id=name, name=name)
         return flag
+
+    def run_every(self, name: str, seconds: float, work: Callable[[], bool]) -> None:
+        """Run ``work`` every ``seconds`` on the scheduler's thread (it must not touch detectors); it
+        returns False or raises on failure, which is logged and counted."""
+        def job() -> None:
+            try:
+                ok = work()
+            except Exception:
+                log.exception("scheduled job %s failed", name)
+                ok = False
+            self.done(name, ok)
+
+        self.scheduler.add_job(job, "interval", seconds=seconds, id=name, name=name)
 
     def done(self, name: str, ok: bool) -> None:
         """Called by the main loop after a flagged job ran."""
