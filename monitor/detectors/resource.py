@@ -63,7 +63,7 @@ FIGURES: tuple[str, ...] = ("latency_ms", "cpu_ms", "memory_mb", "input_bytes", 
 SERVER_FIGURES: tuple[str, ...] = ("cpu_cores", "memory_mb", "gpu_utilization")
 KINDS = {"latency_ms": "latency_anomaly", "input_bytes": "payload_anomaly"}  # else resource_anomaly
 CRITICAL_RATIO = 2.0  # a figure at twice its baseline (or more) is critical
-HST_WARMUP = 500  # scored events the trees learn before their scores count (two of river's windows)
+HST_LEARN = 1024  # events the trees learn (two of river's windows), then they stay as they are
 HST_REFERENCE = 1023  # scored events that set the trees' mark bound and its in-control rate
 CLIENT_HALF_LIFE = 16  # events: a client's recent cost follows its last few dozen events
 MODEL_HALF_LIFE = 5000  # events: the model's recent share of expensive events
@@ -81,7 +81,10 @@ def up_charts(shifts: list[float]) -> list[Chart]:
 class Baseline:
     """A version's (or a server's) rank bins per figure, with the charts on them."""
 
-    def __init__(self, owner: str, rows: np.ndarray, figures: tuple[str, ...], charts: list[Chart], arl: float):
+    def __init__(self, owner: str, rows: np.ndarray, figures: tuple[str, ...], charts: list[Chart], ert: float,
+                 other_charts: int = 0):
+        """Charts on each figure with enough values in ``rows``; all of them and ``other_charts`` more
+        (errors, the trees) share ``ert``: each is calibrated to ``arl = ert x their number``."""
         self.owner = owner  # the version (or target) whose events it was learnt from
         self.events = len(rows)
         self.payload_bound = math.inf  # input_bytes above this are reported
@@ -89,14 +92,16 @@ class Baseline:
         self.error_p0 = math.nan
         self.error_chart: tuple[float, float, float] | None = None  # (p0, p1, h) of the error share
         self.groups: dict[str, ColumnGroup] = {}
-        for j, figure in enumerate(figures):
+        counts = (~np.isnan(rows)).sum(axis=0)
+        present = [j for j in range(len(figures)) if counts[j] >= 2 * BINS - 1]
+        self.arl = rank_cusum.rounded_arl(ert * max(1, len(present) * len(charts) + other_charts))
+        for j in present:
             values = rows[:, j]
-            values = values[~np.isnan(values)]
-            if len(values) >= 2 * BINS - 1:
-                group = ColumnGroup([figure], _kind(figure), values[:, None], charts, log_scale=True)
-                group.calibrate(arl)
-                if group.charts:
-                    self.groups[figure] = group
+            group = ColumnGroup([figures[j]], _kind(figures[j]), values[~np.isnan(values)][:, None], charts,
+                                log_scale=True)
+            group.calibrate(self.arl)
+            if group.charts:
+                self.groups[figures[j]] = group
 
     def fresh(self) -> "Baseline":
         """The same bins with charts at rest: what a new version starts from."""
@@ -194,7 +199,9 @@ class Resource(Detector):
         payload_factor: float = 4.0  # input_bytes above this x the baseline's largest: payload_anomaly
         error_rate: float = 0.02  # the error chart is tuned to a rise to this share (or 3x the baseline's)
         hst: bool = True  # HalfSpaceTrees on the figures together
-        hst_every: int = 16  # the trees score one event in this many (about 30 µs an event scored)
+        hst_every: int = 32  # the trees score one event in this many (about 80 µs an event scored)
+        hst_trees: int = 25
+        hst_height: int = 10
         hst_quantile: float = 0.99
         max_versions: int = 16
         server_reference: int = 127  # scrapes of a target that form its baseline
@@ -223,6 +230,8 @@ class Resource(Detector):
                 return "error_rate", f"expected 0 < error_rate < 1, got {self.error_rate}"
             if not 0.5 <= self.hst_quantile < 1:
                 return "hst_quantile", f"expected 0.5 <= hst_quantile < 1, got {self.hst_quantile}"
+            if not (1 <= self.hst_trees <= 100 and 2 <= self.hst_height <= 16):
+                return "hst_trees", "expected 1 to 100 trees of height 2 to 16"
             if self.hst_every < 1 or self.max_versions < 1 or self.max_clients < 1 or self.min_client_events < 1:
                 return "hst_every", "expected hst_every, max_versions, max_clients and min_client_events >= 1"
             if self.cooldown < 0:
@@ -235,9 +244,6 @@ class Resource(Detector):
         self.figures = tuple(dict.fromkeys(p.figures))
         self.client_columns = [self.figures.index(f) for f in dict.fromkeys(p.client_figures) if f in self.figures]
         self.charts = up_charts(p.shifts)
-        # the union bound: every chart of a version (figures x tunings, errors, the trees) shares ert
-        self.charts_per_version = len(self.figures) * len(self.charts) + 1 + (1 if p.hst else 0)
-        self.arl = rank_cusum.rounded_arl(p.ert * self.charts_per_version)
         self.versions: dict[str, Version] = {}
         self.established: Baseline | None = None  # the newest baseline learnt: a new version starts on it
         self.clients: dict[str, ClientState] = {}
@@ -247,6 +253,7 @@ class Resource(Detector):
         self.recent_share = math.nan  # the model's recent share of expensive events
         self.hst: Any = None
         self.hst_position = 0
+        self.hst_learned = 0
         self.hst_scores: list[float] = []
         self.hst_chart: tuple[float, float, float, float] | None = None  # (bound, p0, p1, h)
         self.hst_statistic = 0.0
@@ -312,7 +319,11 @@ class Resource(Detector):
     def _build(self, version: Version, rows: np.ndarray, status: np.ndarray) -> None:
         """The version's own baseline from ``rows`` (its first events, or its recent ones at a refresh)."""
         p = self.params
-        baseline = Baseline(version.label, rows, self.figures, self.charts, self.arl)
+        counted = status[status >= 0]
+        # the union bound: the version's charts (figures x tunings, errors if it reports a status, the
+        # trees) share ert
+        others = (1 if len(counted) or (version.baseline and version.baseline.error_chart) else 0) + int(p.hst)
+        baseline = Baseline(version.label, rows, self.figures, self.charts, p.ert, others)
         payload = rows[:, self.figures.index("input_bytes")] if "input_bytes" in self.figures else np.zeros(0)
         payload = payload[~np.isnan(payload)]
         baseline.payload_bound = float(payload.max()) * p.payload_factor if len(payload) else math.inf
@@ -321,13 +332,12 @@ class Resource(Detector):
         baseline.expensive_share = float(marks.mean()) if len(marks) >= 2 * BINS else math.nan
         # errors: the rate estimated with half an error added, so a baseline without any is not 0; a
         # refresh (figures only) keeps the rate it had
-        counted = status[status >= 0]
-        if len(counted) or version.baseline is None:
+        if len(counted):
             p0 = (float(counted.sum()) + 0.5) / (len(counted) + 1)
             baseline.error_p0 = p0
-            baseline.error_chart = _bernoulli_chart(p0, max(3 * p0, p.error_rate), self.arl, max(len(counted), 1))
+            baseline.error_chart = _bernoulli_chart(p0, max(3 * p0, p.error_rate), baseline.arl, len(counted))
             version.error_statistic = 0.0
-        else:
+        elif version.baseline is not None:
             baseline.error_p0, baseline.error_chart = version.baseline.error_p0, version.baseline.error_chart
         version.baseline = baseline
         version.own = True
@@ -402,7 +412,9 @@ class Resource(Detector):
                 version.quiet["figures"] = at + self.params.cooldown
                 found.append(self._regression(batch, version, index, rises))
         marks = np.full(len(rows), -1, dtype=np.int8)
-        if bins_of:
+        # clients are judged against a version only while it is in control: on its own baseline and
+        # not within the cooldown of a regression it reported (then every client of it is expensive)
+        if bins_of and version.own and version.seen + len(rows) >= version.quiet.get("figures", 0):
             top = BINS - self.params.expensive_bins
             for j in self.client_columns:
                 if j in bins_of:
@@ -522,7 +534,11 @@ class Resource(Detector):
     # -- the figures together -------------------------------------------------------------------
 
     def _watch_hst(self, batch: ModelBatch, ranks: np.ndarray) -> list[Detection]:
-        every = self.params.hst_every
+        """The trees learn ``HST_LEARN`` events, then stay as they are (river's trees otherwise swap their
+        reference window every ``window_size`` events, and the scores jump with it, in clumps that a CUSUM
+        takes for a change); the next ``HST_REFERENCE`` events' scores set the mark bound and its rate.
+        Both phases read every event (a fraction of a second, once); then one event in ``hst_every``."""
+        every = self.params.hst_every if self.hst_chart is not None else 1
         take = np.arange((-self.hst_position) % every, len(batch), every)
         self.hst_position = (self.hst_position + len(batch)) % every
         take = take[~np.isnan(ranks[take]).all(axis=1)] if take.size else take
@@ -531,22 +547,26 @@ class Resource(Detector):
         if self.hst is None:
             from river.anomaly import HalfSpaceTrees
 
-            self.hst = HalfSpaceTrees(n_trees=10, height=8, window_size=250, seed=7)
-        hst = self.hst
-        scores = np.empty(len(take))
-        for n, i in enumerate(take.tolist()):
-            x = {f: (0.5 if math.isnan(r) else r) for f, r in zip(self.figures, ranks[i].tolist())}
-            scores[n] = hst.score_one(x)
-            hst.learn_one(x)
+            self.hst = HalfSpaceTrees(n_trees=self.params.hst_trees, height=self.params.hst_height,
+                                      window_size=HST_LEARN // 2, seed=7)
+        points = [{f: (0.5 if math.isnan(r) else r) for f, r in zip(self.figures, row)}
+                  for row in ranks[take].tolist()]
+        if self.hst_learned < HST_LEARN:
+            learn = HST_LEARN - self.hst_learned
+            for x in points[:learn]:
+                self.hst.learn_one(x)
+            self.hst_learned += min(learn, len(points))
+            points = points[learn:]
+            take = take[learn:]
+        scores = np.fromiter((self.hst.score_one(x) for x in points), dtype=np.float64, count=len(points))
         if self.hst_chart is None:
-            self.hst_seen += len(take)
-            if self.hst_seen > HST_WARMUP:
-                self.hst_scores.extend(scores[max(0, len(scores) - (self.hst_seen - HST_WARMUP)):].tolist())
+            self.hst_scores.extend(scores[: HST_REFERENCE - len(self.hst_scores)].tolist())
             if len(self.hst_scores) >= HST_REFERENCE:
                 ref = np.asarray(self.hst_scores)
                 bound = float(np.quantile(ref, self.params.hst_quantile))
                 p0 = min(max(float(np.mean(ref > bound)), 1e-3), 0.5)
-                self.hst_chart = (bound, *_bernoulli_chart(p0, 4 * p0, self.arl / every, len(ref)))
+                arl = self.established.arl if self.established is not None else self.params.ert
+                self.hst_chart = (bound, *_bernoulli_chart(p0, 4 * p0, arl / self.params.hst_every, len(ref)))
                 self.hst_scores = []
             return []
         bound, p0, p1, h = self.hst_chart
@@ -588,8 +608,10 @@ class Resource(Detector):
         share = float(marks.mean())
         weight = 1 - 0.5 ** (len(marks) / MODEL_HALF_LIFE)
         self.recent_share += weight * (share - self.recent_share)
-        base = _stepped(self.client_p0, max(self.recent_share, share), self.params.client_shift)
-        p1 = min(self.params.client_shift * base, 0.99)
+        base = _stepped(self.client_p0, max(self.recent_share, share))
+        if base * self.params.client_shift >= 0.99:
+            return []  # most events are expensive: no client stands out, and none is judged
+        p1 = self.params.client_shift * base
         h = self.client_h if base == self.client_p0 else cusum.threshold_for_ert(base, p1, self.params.client_ert)
         self.client_base = base
         a, b, step = cusum._grid(base, p1)
@@ -702,6 +724,8 @@ class Resource(Detector):
             rows = np.roll(version.ring, -version.ring_pos, axis=0)
             self._build(version, rows, np.full(len(rows), -1, dtype=np.int8))
             rebuilt.append(version.label)
+        if rebuilt and self.hst is not None:  # the trees learn the new baselines' ranks afresh
+            self.hst, self.hst_learned, self.hst_chart, self.hst_statistic = None, 0, None, 0.0
         return rebuilt
 
     def observe_server(self, target: str, ts: float, figures: dict[str, float]) -> list[Detection]:
@@ -714,9 +738,8 @@ class Resource(Detector):
         if server["baseline"] is None:
             server["learning"].append(row)
             if len(server["learning"]) >= self.params.server_reference:
-                charts = len(SERVER_FIGURES) * len(self.charts)
                 server["baseline"] = Baseline(target, np.concatenate(server["learning"]), SERVER_FIGURES,
-                                              self.charts, rank_cusum.rounded_arl(self.params.server_ert * charts))
+                                              self.charts, self.params.server_ert)
                 server["learning"] = []
             return []
         found = []
@@ -834,13 +857,12 @@ def group_by_client(ids: list[str | None]) -> tuple[list[str | None], np.ndarray
     return list(codes_of), order, starts, ends
 
 
-def _stepped(p0: float, rate: float, shift: float) -> float:
+def _stepped(p0: float, rate: float) -> float:
     """The share a client is compared with: ``p0``, or the model's current share when that is a quarter
     above it, in steps of a quarter (few distinct values, so few threshold calibrations)."""
     if rate <= BASELINE_STEP * p0:
         return p0
-    steps = math.ceil(math.log(rate / p0) / math.log(BASELINE_STEP))
-    return min(p0 * BASELINE_STEP ** steps, 0.98 / shift)
+    return p0 * BASELINE_STEP ** math.ceil(math.log(rate / p0) / math.log(BASELINE_STEP))
 
 
 def _follow(state: ClientState, costs: np.ndarray) -> None:
