@@ -17,11 +17,13 @@ def test_demo_detects_the_injected_incidents_and_counts_the_malformed_messages(t
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "incident injected: digits input drift" in out
-    assert "incident injected: cancer latency x8" in out
-    # the drift of digits and the latency regression of cancer are both reported, each as one line
+    assert "incident injected: cancer release 2024-12, 1.6x slower" in out
+    # the drift of digits and the slower release of cancer are both reported, each as one line
     assert re.search(r"digits\s+prediction_drift\s+confidence fell", out), out
     assert re.search(r"digits\s+feature_drift\s+\d+ input columns? drifted", out), out
-    assert re.search(r"cancer\s+latency_anomaly\s+latency_ms rose", out), out
+    assert re.search(r"cancer\s+latency_anomaly\s+latency_ms of cancer 2024-12 is 1\.\d+x the baseline of 2024-11", out), out
+    # the client sending costly requests, by the resource detector
+    assert re.search(r"digits\s+resource_anomaly\s+client=sponge client sponge sends expensive requests", out), out
     # and the client probing digits with random images, by the probing detector
     assert re.search(r"digits\s+model_extraction\s+client=mallory ", out), out
     # every message sent was consumed, and the malformed ones are dead letters, counted by reason

@@ -54,6 +54,8 @@ def worked_metrics() -> Metrics:
     jobs = Jobs(metrics)
     jobs.done("checkpoint", True)
     jobs.done("checkpoint", False)
+    metrics.scrape_up.labels("fraud-0").set(1)  # what the scrape job sets (tests/test_scrape_and_jobs.py)
+    metrics.server_resource.labels("fraud", "fraud-0", "memory_mb").set(512.0)
     metrics.checkpoint_seconds.set(0.004)
     metrics.consumer_lag.labels("logs", "0").set(12)
     metrics.broker_up.set(1)

@@ -21,7 +21,8 @@ from monitor.ops.metrics import Metrics
 from monitor.ops.scheduler import Jobs
 from monitor.ops.scrape import Scraper, read_figures
 from monitor.pipeline import Pipeline
-from tests.conftest import Daemon, event, free_port, write_config
+from tests import resource_workload as workload
+from tests.conftest import Daemon, free_port, write_config
 
 # A real process whose memory the test grows on request: its figures are read from /proc by
 # prometheus_client's ProcessCollector, as a model server's own /metrics would report them.
@@ -198,22 +199,30 @@ def test_a_scrape_for_a_model_without_the_resource_detector_is_a_config_error():
         load_config(None, {"jobs": {"scrape": {"targets": [{"url": "http://a:1/metrics", "model": "m"}]}}})
 
 
-def test_the_daemon_runs_its_jobs_survives_a_failing_one_and_shows_them_in_metrics(broker, tmp_path, daemons,
-                                                                                  exposition):
+def test_the_daemon_reports_real_traffic_runs_its_jobs_survives_a_failing_one_and_shows_them(broker, tmp_path,
+                                                                                           daemons, exposition):
     topics = broker.topics("jobs")
     dead = f"http://127.0.0.1:{free_port()}/metrics"
     config = write_config(
         tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state",
-        detectors={"resource": {"reference_size": 127}},
+        detectors={"resource": {}},
         jobs={"evict_idle_clients": "1s", "reference_refresh": "1s",
               "scrape": {"every": "1s", "timeout": "1s", "targets": [
                   {"url": exposition.url, "model": "fraud", "name": "fraud-0"},
                   {"url": dead, "model": "fraud", "name": "fraud-down"}]}})
-    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(300)])
+    # real model traffic (tests/resource_workload.py), keyed by client: a slower v2 canary from event
+    # 3000, and a client sending 8x-costlier requests from event 1500
+    events = workload.events(workload.load(), n=6000, seed=5, model="fraud", v2_from=3000, v2_share=0.2,
+                             sponge_client="sponger", sponge_from=1500, sponge_share=0.03)
+    broker.produce(topics["logs"], [json.dumps(e).encode() for e in events],
+                   [e["client_id"].encode() for e in events])
     d = Daemon(config, tmp_path / "daemon.log")
     daemons.append(d)
-    d.wait_for(lambda: d.metric("inferwatch_events_total", model="fraud", outcome="processed") == 300,
+    d.wait_for(lambda: d.metric("inferwatch_events_total", model="fraud", outcome="processed") == 6000,
                what="events processed")
+    found = [json.loads(r.value) for r in broker.consume_all(topics["detections"], expect=2)]
+    assert sorted((f["kind"], f["client_id"], f["model_version"]) for f in found) == [
+        ("latency_anomaly", None, "v2"), ("resource_anomaly", "sponger", "v1")], [f["summary"] for f in found]
     d.wait_for(lambda: all(d.metric("inferwatch_job_last_run_timestamp_seconds", job=job) > 0
                            for job in ("checkpoint", "evict_idle_clients", "reference_refresh")), what="jobs ran")
     d.wait_for(lambda: d.metric("inferwatch_job_failures_total", job="scrape") >= 2, what="scrape failures counted")

@@ -3,11 +3,13 @@
 Two models serve real predictions: ``digits`` (logistic regression on the 8x8 digits images, 64
 features) and ``cancer`` (a scaled logistic regression on the breast-cancer data, 30 features).
 Benign clients send held-out inputs with small augmentations. Incidents, at fractions of the run:
+- 20%: client ``sponge`` sends ``digits`` requests that cost 8x the usual latency and CPU (a sponge
+  attack: denial of service through expensive queries), about one in fifty requests;
 - 30%: client ``mallory`` starts probing ``digits`` with uniformly random images (before the drift:
   once every client's inputs are off the reference, the probing detector waits for the model to
   come back, and only the per-client low-confidence chart can still single mallory out);
 - 45%: the ``digits`` inputs drift (a brightness shift and blur-like noise): confidence falls;
-- 60%: ``cancer`` becomes 8x slower (a latency regression);
+- 60%: ``cancer`` is released as a new version, 1.6x slower than the one it replaces;
 - throughout: one message in 400 is malformed (bad JSON, wrong types, NaN, too many features).
 """
 
@@ -35,9 +37,10 @@ class TrafficPlan:
     duration: float
     rate: float
     incidents: list[Incident] = field(default_factory=lambda: [
+        Incident("sponge sends costly queries to digits", 0.20),
         Incident("mallory probes digits", 0.30),
         Incident("digits input drift", 0.45),
-        Incident("cancer latency x8", 0.60),
+        Incident("cancer release 2024-12, 1.6x slower", 0.60),
     ])
 
 
@@ -147,13 +150,19 @@ class TrafficGenerator:
                 k = max(1, n // 5)
                 x[:k] = rng.uniform(0, 1, (k, x.shape[1]))
                 clients[:k] = ["mallory"] * k
+            if self._active("sponge sends costly queries to digits") and self.random.random() < n / 50:
+                clients[-1] = "sponge"
         else:
             x = x * rng.normal(1.0, 0.01, x.shape)
         proba = served.model.predict_proba(x)
         labels = served.model.classes_[proba.argmax(axis=1)]
         latency = rng.lognormal(np.log(served.latency_ms), 0.25, n)
-        if served.name == "cancer" and self._active("cancer latency x8"):
-            latency *= 8
+        version = served.version
+        if served.name == "cancer" and self._active("cancer release 2024-12, 1.6x slower"):
+            latency *= 1.6
+            version = "2024-12"
+        latency[[c == "sponge" for c in clients]] *= 8
+        cpu = latency * rng.uniform(0.7, 0.9, n)
         for i in range(n):
             self._seq += 1
             client = clients[i]
@@ -161,12 +170,13 @@ class TrafficGenerator:
                 "event_id": f"{served.name}-{self._seq}",
                 "ts": round(now, 6),
                 "model": served.name,
-                "model_version": served.version,
+                "model_version": version,
                 "client_id": client,
                 "features": np.round(x[i], 4).tolist(),
                 "prediction": int(labels[i]),
                 "probabilities": np.round(proba[i], 5).tolist(),
                 "latency_ms": round(float(latency[i]), 3),
+                "cpu_ms": round(float(cpu[i]), 3),
                 "input_bytes": int(x.shape[1] * 8),
                 "status": "ok",
             }

@@ -429,7 +429,8 @@ class Resource(Detector):
                     rises: list[tuple[int, str, dict[str, Any]]]) -> Detection:
         """The figures whose charts crossed, each with the median since the change its chart found
         against the baseline's."""
-        figures = {figure: rise for _, figure, rise in sorted(rises, key=lambda r: -r[2]["ratio"])}
+        # latency first when it rose (it names the kind), then by how far each rose
+        figures = {figure: rise for _, figure, rise in sorted(rises, key=lambda r: (r[1] != "latency_ms", -r[2]["ratio"]))}
         top, rise = next(iter(figures.items()))
         ratio = rise["ratio"]
         kind = "latency_anomaly" if "latency_ms" in figures else _kind(top)
