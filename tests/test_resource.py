@@ -151,8 +151,13 @@ def test_state_survives_a_restart_mid_stream(traffic):
     events = workload.events(traffic, n=8000, seed=18, v2_from=5000)
     first = Resource("digits", Resource.Params())
     assert run(first, events[:5000]) == []
+    saved = pickle.dumps(first.state())
+    assert len(saved) < 300_000  # the trees (megabytes) are not in it: they grow again from what they learnt
     restored = Resource("digits", Resource.Params())
-    restored.restore(pickle.loads(pickle.dumps(first.state())))
+    restored.restore(pickle.loads(saved))
+    restored.hst = restored._trees(restored.hst_points)  # as the next scored event would
+    points = [dict(zip(first.figures, np.random.default_rng(i).random(5))) for i in range(50)]
+    assert [restored.hst.score_one(x) for x in points] == [first.hst.score_one(x) for x in points]
     found = run(restored, events[5000:])
     assert [d.kind for d in found] == ["latency_anomaly"]
     assert found[0].evidence["baseline_of"] == "v1"

@@ -199,9 +199,13 @@ class Resource(Detector):
         payload_factor: float = 4.0  # input_bytes above this x the baseline's largest: payload_anomaly
         error_rate: float = 0.02  # the error chart is tuned to a rise to this share (or 3x the baseline's)
         hst: bool = True  # HalfSpaceTrees on the figures together
+        # the figures the trees read: what a request costs, and its size (memory is most often a
+        # process's, not a request's, and would dilute their splits)
+        hst_figures: list[Figure] = msgspec.field(default_factory=lambda: ["latency_ms", "cpu_ms", "input_bytes",
+                                                                           "output_tokens"])
         hst_every: int = 32  # the trees score one event in this many (about 80 µs an event scored)
-        hst_trees: int = 25
-        hst_height: int = 10
+        hst_trees: int = 25  # about 3 MB of trees per model at height 8
+        hst_height: int = 8
         hst_quantile: float = 0.99
         max_versions: int = 16
         server_reference: int = 127  # scrapes of a target that form its baseline
@@ -243,6 +247,8 @@ class Resource(Detector):
         p = params
         self.figures = tuple(dict.fromkeys(p.figures))
         self.client_columns = [self.figures.index(f) for f in dict.fromkeys(p.client_figures) if f in self.figures]
+        self.hst_columns = [self.figures.index(f) for f in dict.fromkeys(p.hst_figures) if f in self.figures]
+        self.hst_names = [self.figures[j] for j in self.hst_columns]
         self.charts = up_charts(p.shifts)
         self.versions: dict[str, Version] = {}
         self.established: Baseline | None = None  # the newest baseline learnt: a new version starts on it
@@ -254,6 +260,9 @@ class Resource(Detector):
         self.hst: Any = None
         self.hst_position = 0
         self.hst_learned = 0
+        self.hst_tie = 0.0  # the probability that a score equal to the bound is marked
+        self.hst_rng = np.random.default_rng(7)  # seeded: a replay marks the same events
+        self.hst_points: list[np.ndarray] = []  # what the trees learnt: a checkpoint keeps these, not the trees
         self.hst_scores: list[float] = []
         self.hst_chart: tuple[float, float, float, float] | None = None  # (bound, p0, p1, h)
         self.hst_statistic = 0.0
@@ -287,8 +296,8 @@ class Resource(Detector):
             version.seen += len(rows)
             if self.recording:
                 _remember(version, matrix[rows], self.params.reference_size)
-        if self.params.hst:
-            found.extend(self._watch_hst(batch, ranks))
+        if self.params.hst and self.hst_columns:
+            found.extend(self._watch_hst(batch, ranks[:, self.hst_columns]))
         found.extend(self._watch_clients(batch, matrix, expensive))
         self.seen += n
         self.alarms += len(found)
@@ -546,16 +555,14 @@ class Resource(Detector):
         if take.size == 0:
             return []
         if self.hst is None:
-            from river.anomaly import HalfSpaceTrees
-
-            self.hst = HalfSpaceTrees(n_trees=self.params.hst_trees, height=self.params.hst_height,
-                                      window_size=HST_LEARN // 2, seed=7)
-        points = [{f: (0.5 if math.isnan(r) else r) for f, r in zip(self.figures, row)}
+            self.hst = self._trees(self.hst_points)
+        points = [{f: (0.5 if math.isnan(r) else r) for f, r in zip(self.hst_names, row)}
                   for row in ranks[take].tolist()]
         if self.hst_learned < HST_LEARN:
             learn = HST_LEARN - self.hst_learned
             for x in points[:learn]:
                 self.hst.learn_one(x)
+            self.hst_points.append(np.nan_to_num(ranks[take[:learn]], nan=0.5))
             self.hst_learned += min(learn, len(points))
             points = points[learn:]
             take = take[learn:]
@@ -563,15 +570,20 @@ class Resource(Detector):
         if self.hst_chart is None:
             self.hst_scores.extend(scores[: HST_REFERENCE - len(self.hst_scores)].tolist())
             if len(self.hst_scores) >= HST_REFERENCE:
+                # The trees' scores take few values: a score equal to the bound is marked with the
+                # probability that makes the marked share 1 - hst_quantile (ties broken at random, as
+                # the ranks are), instead of a share anywhere between 0 and several times that.
                 ref = np.asarray(self.hst_scores)
                 bound = float(np.quantile(ref, self.params.hst_quantile))
-                p0 = min(max(float(np.mean(ref > bound)), 1e-3), 0.5)
+                above, equal = float(np.mean(ref > bound)), float(np.mean(ref == bound))
+                self.hst_tie = min(1.0, max(0.0, (1 - self.params.hst_quantile - above) / equal)) if equal else 0.0
+                p0 = min(max(above + self.hst_tie * equal, 1e-3), 0.5)
                 arl = self.established.arl if self.established is not None else self.params.ert
                 self.hst_chart = (bound, *_bernoulli_chart(p0, 4 * p0, arl / self.params.hst_every, len(ref)))
                 self.hst_scores = []
             return []
         bound, p0, p1, h = self.hst_chart
-        marks = (scores > bound).astype(np.int8)
+        marks = ((scores > bound) | ((scores == bound) & (self.hst_rng.random(len(scores)) < self.hst_tie))).astype(np.int8)
         self.hst_marks_recent = np.concatenate([self.hst_marks_recent, marks])[-200:]
         alarms, self.hst_statistic = cusum.run(marks, p0, p1, h, self.hst_statistic)
         found = []
@@ -592,7 +604,7 @@ class Resource(Detector):
                           "baseline": {"rate": p0}, "observed": {"rate": rate}, "ratio": round(rate / p0, 4),
                           "most_unusual": {"event_id": batch.events[worst].event_id,
                                            "ranks": {f: (None if math.isnan(r) else round(r, 3))
-                                                     for f, r in zip(self.figures, ranks[worst].tolist())}},
+                                                     for f, r in zip(self.hst_names, ranks[worst].tolist())}},
                           "event_ids": [batch.events[int(i)].event_id for i in take[max(0, a - 9): a + 1]]}))
         self.hst_seen += len(take)
         return found
@@ -727,6 +739,7 @@ class Resource(Detector):
             rebuilt.append(version.label)
         if rebuilt and self.hst is not None:  # the trees learn the new baselines' ranks afresh
             self.hst, self.hst_learned, self.hst_chart, self.hst_statistic = None, 0, None, 0.0
+            self.hst_points = []
         return rebuilt
 
     def observe_server(self, target: str, ts: float, figures: dict[str, float]) -> list[Detection]:
@@ -787,6 +800,26 @@ class Resource(Detector):
             subject=subject, client_id=client, model_version=event.model_version, severity=severity,
             score=round(float(score), 4), threshold=round(float(threshold), 4), summary=summary, evidence=evidence,
             source={"topic": topic, "partition": partition, "offset": offset})
+
+    def _trees(self, learnt: list[np.ndarray]) -> Any:
+        """river's HalfSpaceTrees, having learnt ``learnt`` (rows of ranks): the same trees again, since
+        they are seeded and learn the same points in the same order."""
+        from river.anomaly import HalfSpaceTrees
+
+        trees = HalfSpaceTrees(n_trees=self.params.hst_trees, height=self.params.hst_height,
+                               window_size=HST_LEARN // 2, seed=7)
+        for rows in learnt:
+            for row in rows.tolist():
+                trees.learn_one(dict(zip(self.hst_names, row)))
+        return trees
+
+    def state(self) -> dict[str, Any]:
+        """Without the trees (megabytes): ``restore`` grows them again from the points they learnt."""
+        return {k: v for k, v in super().state().items() if k != "hst"}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        super().restore(state)
+        self.hst = None  # grown again from hst_points when next needed
 
     def client_counts(self) -> tuple[int, int]:
         return len(self.clients), 0
