@@ -76,8 +76,11 @@ def parser() -> argparse.ArgumentParser:
                     "(or files), runs online detectors per model (today: drift of every feature, the feature\n"
                     "vector, confidence, latency, cost, class shares and error rate against a reference;\n"
                     "low-confidence surges per model and per client; per client, model extraction, black-box\n"
-                    "adversarial search and query floods; a saved alibi-detect detector) and publishes\n"
-                    "detections, with bad input sent to a dead-letter topic.",
+                    "adversarial search and query floods; cost regressions per model version, expensive\n"
+                    "(sponge) clients, oversized payloads, error spikes and the model servers' own gauges;\n"
+                    "a saved alibi-detect detector) and publishes detections, with bad input sent to a\n"
+                    "dead-letter topic. Periodic jobs (checkpoints, idle-client eviction, baseline refresh,\n"
+                    "scraping model servers' /metrics) run on APScheduler.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"inferwatch {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
