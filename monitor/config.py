@@ -111,12 +111,13 @@ class State(Base):
 
 
 class ScrapeTarget(Base):
-    url: str  # a model server's Prometheus endpoint, http(s)://host:port/metrics
+    url: str  # a model server's Prometheus endpoint, http(s)://[user:password@]host:port/metrics; ${VAR} allowed
     model: str  # the model it serves: its figures go to that model's resource detector
     name: str | None = None  # for metrics and reports; default host:port of the url (never its credentials)
     cpu_seconds: str = "process_cpu_seconds_total"  # a counter of CPU seconds: charted as cores in use
     memory_bytes: str = "process_resident_memory_bytes"  # summed over its series, charted in MB
     gpu_utilization: str | None = "DCGM_FI_DEV_GPU_UTIL"  # percent, averaged over its series (NVIDIA DCGM)
+    bearer_token: str | None = None  # sent as "Authorization: Bearer ..."; ${VAR} reads the environment
 
     def label(self) -> str:
         if self.name:
@@ -309,8 +310,9 @@ def _check_jobs(config: Config) -> None:
             raise ConfigError(f"{where}: $.jobs.{key}: expected at least 1s (or null: off)")
     if _duration(where, "$.jobs.scrape.every", jobs.scrape.every) < 1:
         raise ConfigError(f"{where}: $.jobs.scrape.every: expected at least 1s")
-    if _duration(where, "$.jobs.scrape.timeout", jobs.scrape.timeout) <= 0:
-        raise ConfigError(f"{where}: $.jobs.scrape.timeout: expected more than 0s")
+    timeout = _duration(where, "$.jobs.scrape.timeout", jobs.scrape.timeout)
+    if not 0 < timeout < _duration(where, "$.jobs.scrape.every", jobs.scrape.every):
+        raise ConfigError(f"{where}: $.jobs.scrape.timeout: expected more than 0s and less than every")
     names = set()
     for i, target in enumerate(jobs.scrape.targets):
         parts = urlsplit(target.url)

@@ -163,7 +163,8 @@ class DetectDaemon:
         if jobs.scrape.targets:
             from monitor.ops.scrape import Scraper
 
-            self.scraper = Scraper(jobs.scrape.targets, seconds(jobs.scrape.timeout), self.metrics)
+            self.scraper = Scraper(jobs.scrape.targets, seconds(jobs.scrape.timeout), self.metrics,
+                                   f"{self.config.source}: $.jobs.scrape")
             self.jobs.run_every("scrape", seconds(jobs.scrape.every), self.scraper.run)
         return due
 

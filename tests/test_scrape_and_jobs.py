@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -36,13 +37,19 @@ for line in sys.stdin:
 
 
 class Exposition:
-    """A local HTTP server answering /metrics with a registry's real text exposition."""
+    """A local HTTP server answering /metrics with a registry's real text exposition (401 without the
+    ``authorization`` header when one is required)."""
 
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, authorization: str | None = None):
         registry_ = registry
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if authorization is not None and self.headers.get("Authorization") != authorization:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = generate_latest(registry_) if self.path == "/metrics" else b"not found"
                 self.send_response(200 if self.path == "/metrics" else 404)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -102,7 +109,7 @@ def test_the_exposition_of_a_real_process_is_read(exposition, server_process):
 
 def test_scraped_figures_feed_the_resource_detector_and_a_memory_rise_is_reported(tmp_path, exposition,
                                                                                   server_process):
-    config = load_config(None, {"detectors": {"resource": {"server_reference": 127, "server_ert": 1000}}})
+    config = load_config(None, {"detectors": {"resource": {"server_reference": 128}}})
     metrics = Metrics()
     pipeline = Pipeline(config, metrics)
     scraper = Scraper([ScrapeTarget(url=exposition.url, model="digits", name="digits-0")], 5.0, metrics)
@@ -114,7 +121,7 @@ def test_scraped_figures_feed_the_resource_detector_and_a_memory_rise_is_reporte
             for model, target, ts, figures in scraper.drain():
                 found.extend(pipeline.server_figures(model, target, ts, figures))
 
-    scrape(130)  # the baseline (127 scrapes) and a few more
+    scrape(131)  # the baseline (128 scrapes) and a few more
     assert found == []
     detector = pipeline.routes["digits"].detectors[0]
     server = detector.describe()["servers"]["digits-0"]
@@ -158,6 +165,44 @@ def test_a_failing_target_is_counted_the_others_still_read_and_no_credential_is_
     assert "s3cret" not in caplog.text
 
 
+def test_credentials_go_in_headers_and_never_reach_the_log(server_process, monkeypatch, caplog):
+    import base64
+
+    registry = CollectorRegistry()
+    ProcessCollector(pid=lambda: server_process.pid, registry=registry)
+    basic = Exposition(registry, "Basic " + base64.b64encode(b"scraper:s3cret/pw").decode())
+    bearer = Exposition(registry, "Bearer tok-123")
+    try:
+        monkeypatch.setenv("SCRAPE_TOKEN", "tok-123")
+        port = basic.url.split(":")[2].split("/")[0]
+        targets = [ScrapeTarget(url=f"http://scraper:s3cret%2Fpw@127.0.0.1:{port}/metrics", model="m", name="a"),
+                   ScrapeTarget(url=bearer.url, model="m", name="b", bearer_token="${SCRAPE_TOKEN}"),
+                   ScrapeTarget(url=f"http://scraper:wrong-pw@127.0.0.1:{port}/metrics", model="m", name="c")]
+        metrics = Metrics()
+        with caplog.at_level("WARNING"):
+            scraper = Scraper(targets, 2.0, metrics)
+            assert scraper.run() is False
+        assert [s[1] for s in scraper.drain()] == ["a", "b"]
+        assert metrics.registry.get_sample_value("inferwatch_scrape_up", {"target": "c"}) == 0
+        assert "scraping c failed: HTTP 401" in caplog.text
+        # the daemon's log formatter hides every credential the targets carry
+        from monitor.ops.logs import JsonFormatter, RedactingFormatter
+
+        formatter = RedactingFormatter(JsonFormatter())
+        for secret in ("s3cret/pw", "s3cret%2Fpw", "wrong-pw", "tok-123"):
+            record = logging.LogRecord("t", logging.WARNING, __file__, 1, "leak: %s", (secret,), None)
+            assert secret not in formatter.format(record)
+    finally:
+        basic.close()
+        bearer.close()
+
+
+def test_a_missing_environment_variable_in_a_target_is_a_config_error(monkeypatch):
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    with pytest.raises(ConfigError, match="NOT_SET_HERE is not set"):
+        Scraper([ScrapeTarget(url="http://a:1/metrics", model="m", bearer_token="${NOT_SET_HERE}")], 1.0, Metrics())
+
+
 def test_a_job_that_raises_is_logged_and_counted_and_runs_again(caplog):
     metrics = Metrics()
     jobs = Jobs(metrics)
@@ -185,6 +230,7 @@ def test_a_job_that_raises_is_logged_and_counted_and_runs_again(caplog):
     ({"scrape": {"targets": [{"url": "http://a:1/metrics", "model": "m"}, {"url": "http://a:1/m", "model": "m"}]}},
      "two targets named 'a:1'"),
     ({"scrape": {"every": "0.5s"}}, "$.jobs.scrape.every"),
+    ({"scrape": {"every": "10s", "timeout": "10s"}}, "less than every"),
     ({"reference_refresh": "soon"}, "$.jobs.reference_refresh"),
     ({"scrape": {"targets": [{"url": "http://a:1/metrics"}]}}, "model"),
 ])
@@ -207,7 +253,7 @@ def test_the_daemon_reports_real_traffic_runs_its_jobs_survives_a_failing_one_an
         tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state",
         detectors={"resource": {}},
         jobs={"evict_idle_clients": "1s", "reference_refresh": "1s",
-              "scrape": {"every": "1s", "timeout": "1s", "targets": [
+              "scrape": {"every": "1s", "timeout": "0.5s", "targets": [
                   {"url": exposition.url, "model": "fraud", "name": "fraud-0"},
                   {"url": dead, "model": "fraud", "name": "fraud-down"}]}})
     # real model traffic (tests/resource_workload.py), keyed by client: a slower v2 canary from event
@@ -226,6 +272,7 @@ def test_the_daemon_reports_real_traffic_runs_its_jobs_survives_a_failing_one_an
     d.wait_for(lambda: all(d.metric("inferwatch_job_last_run_timestamp_seconds", job=job) > 0
                            for job in ("checkpoint", "evict_idle_clients", "reference_refresh")), what="jobs ran")
     d.wait_for(lambda: d.metric("inferwatch_job_failures_total", job="scrape") >= 2, what="scrape failures counted")
+    assert d.metric("inferwatch_job_last_run_timestamp_seconds", job="scrape") > 0  # it runs, one target failing
     assert d.metric("inferwatch_scrape_up", target="fraud-0") == 1
     assert d.metric("inferwatch_scrape_up", target="fraud-down") == 0
     assert d.metric("inferwatch_server_resource", model="fraud", target="fraud-0", figure="memory_mb") > 0

@@ -40,13 +40,13 @@ import numpy as np
 from monitor.detections import Detection, make_detection
 from monitor.detectors import Detector, ModelBatch
 from monitor.detectors import cusum, reference as reference_file
+from monitor.detectors.clients import compared_rate, evict, group_by_client
 from monitor.errors import ConfigError
 
 log = logging.getLogger("inferwatch.detectors.confidence")
 
 
 RECENT_HALF_LIFE = 5000  # events: how fast the model's recent rate of marks follows the stream
-BASELINE_STEP = 1.25  # the client baseline moves in steps of a quarter of the model's rate
 
 
 class ClientState:
@@ -227,25 +227,19 @@ class LowConfidence(Detector):
         (a stable sort of client codes), and within each client's run the recursion is solved by a
         running sum and a running minimum that restarts at the client's first event (see cusum.run).
         Only a client whose statistic crosses its threshold is replayed event by event."""
-        base = self._client_baseline(float(marks.mean()))
+        rate = compared_rate(self.p0, self.recent_rate, float(marks.mean()), len(marks))
+        base = min(rate, 0.98 / self.params.shift)
         p1 = min(self.params.shift * base, 0.99)
         a, b, step = cusum._grid(base, p1)
         h = self.client_h = cusum.threshold_for_ert(base, p1, float(self.params.client_ert))
         self.client_base = base
         up, down = a * step, -b * step
         events = batch.events
-        ids = [events[j].client_id for j in present.tolist()]
-        codes_of: dict[str | None, int] = {}
-        codes = np.fromiter((codes_of.setdefault(c, len(codes_of)) for c in ids), dtype=np.int64, count=len(ids))
-        names = list(codes_of)
-        order = np.argsort(codes, kind="stable")
-        sorted_codes = codes[order]
-        starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-        ends = np.r_[starts[1:], len(order)]
+        names, order, starts, ends = group_by_client([events[j].client_id for j in present.tolist()])
         w = np.where(marks[order] > 0, up, down)
         clients = self.clients
-        states = [None if names[code] is None else clients.get(names[code]) or clients.setdefault(names[code], ClientState())
-                  for code in sorted_codes[starts].tolist()]
+        states = [None if name is None else clients.get(name) or clients.setdefault(name, ClientState())
+                  for name in names]
         s0 = np.fromiter((st.statistic if st is not None else 0.0 for st in states), dtype=np.float64,
                          count=len(states))
         s = cusum.per_segment(w, starts, ends - starts, s0)
@@ -276,7 +270,7 @@ class LowConfidence(Detector):
                     if st.events >= self.params.min_client_events and st.events >= st.quiet_until:
                         st.quiet_until = st.events + self.params.cooldown
                         window = marks_sorted[lo: pos + 1]
-                        found.append(self._detection(batch, int(present[order[pos]]), names[sorted_codes[lo]],
+                        found.append(self._detection(batch, int(present[order[pos]]), names[k],
                                                      float(window.mean()), len(window), h, self.params.client_ert,
                                                      base))
         if len(clients) > self.params.max_clients:
@@ -284,35 +278,12 @@ class LowConfidence(Detector):
         found.sort(key=lambda d: d.ts)
         return found
 
-    def _client_baseline(self, batch_rate: float) -> float:
-        """The rate a client is compared with: the reference rate, or the model's recent or current
-        rate when that is higher, so that when the whole model is unsure (a drift, caught by the model's
-        own CUSUM) the clients do not alarm with it, while a client far above the rest still does.
-        The reference rate until the model's rate is a quarter above it, then steps of a quarter: few
-        distinct rates, so few threshold calibrations (cached), and none while the model is calm."""
-        rate = max(self.recent_rate, batch_rate)
-        if rate <= BASELINE_STEP * self.p0:
-            return self.p0
-        steps = math.ceil(math.log(rate / self.p0) / math.log(BASELINE_STEP))
-        return min(self.p0 * BASELINE_STEP ** steps, 0.98 / self.params.shift)
-
     def evict_idle(self, now: float, overflow: bool = False) -> int:
         """Forget idle clients, then (``overflow``) the least recently seen beyond ``max_clients``; never
         one whose CUSUM is half-way up. Returns how many."""
         if self.client_h is None:
             return 0
-        before = len(self.clients)
-        keep_above = self.client_h / 2
-        idle = [c for c, st in self.clients.items()
-                if now - st.last_ts > self.params.client_idle and st.statistic <= keep_above]
-        for c in idle:
-            del self.clients[c]
-        excess = len(self.clients) - self.params.max_clients
-        if overflow and excess > 0:
-            candidates = sorted((st.last_ts, c) for c, st in self.clients.items() if st.statistic <= keep_above)
-            for _, c in candidates[: excess + self.params.max_clients // 10]:
-                del self.clients[c]
-        return before - len(self.clients)
+        return evict(self.clients, now, self.params.client_idle, self.client_h / 2, self.params.max_clients, overflow)
 
     def _detection(self, batch: ModelBatch, index: int, client: str | None, rate: float, events: int,
                    h: float, ert: float, baseline: float | None = None) -> Detection:

@@ -29,7 +29,7 @@ What is watched:
   (calibrated to ``client_ert``). While a whole version is expensive (a regression, a load spike), each
   client is compared with the model's current share instead, so clients do not alarm with the model;
 - **payloads**: an event whose ``input_bytes`` exceeds ``payload_factor`` times the largest of its
-  baseline is reported at once (``payload_anomaly``), once per client and ``cooldown``;
+  baseline is reported at once (``payload_anomaly``), once per client per quarter of ``client_idle``;
 - **model servers**: figures scraped from the servers' Prometheus endpoints (``jobs.scrape`` in the
   config; CPU cores, resident memory, GPU utilisation) are charted per target like the event figures,
   against the target's first ``server_reference`` scrapes, at ``server_ert`` scrapes between false
@@ -53,6 +53,7 @@ import numpy as np
 
 from monitor.detections import Detection, make_detection
 from monitor.detectors import Detector, ModelBatch, cusum, rank_cusum
+from monitor.detectors.clients import compared_rate, evict, group_by_client
 from monitor.detectors.drift import RECENT, SOON, Chart, ColumnGroup
 from monitor.detectors.rank_cusum import BINS
 
@@ -63,11 +64,12 @@ FIGURES: tuple[str, ...] = ("latency_ms", "cpu_ms", "memory_mb", "input_bytes", 
 SERVER_FIGURES: tuple[str, ...] = ("cpu_cores", "memory_mb", "gpu_utilization")
 KINDS = {"latency_ms": "latency_anomaly", "input_bytes": "payload_anomaly"}  # else resource_anomaly
 CRITICAL_RATIO = 2.0  # a figure at twice its baseline (or more) is critical
+CONFIRM = 16  # values after a crossing that it is judged on, with those since the change
+SERVER_CONFIRM = 4  # scrapes likewise
 HST_LEARN = 1024  # events the trees learn (two of river's windows), then they stay as they are
 HST_REFERENCE = 1023  # scored events that set the trees' mark bound and its in-control rate
 CLIENT_HALF_LIFE = 16  # events: a client's recent cost follows its last few dozen events
 MODEL_HALF_LIFE = 5000  # events: the model's recent share of expensive events
-BASELINE_STEP = 1.25  # a client is compared with the model's share in steps of a quarter
 
 
 def _kind(figure: str) -> str:
@@ -76,6 +78,10 @@ def _kind(figure: str) -> str:
 
 def up_charts(shifts: list[float]) -> list[Chart]:
     return [Chart(f"rise ({s:g} sd)", "location", 1, rank_cusum.location_k(s)) for s in shifts]
+
+
+# A server's baseline is short (two scrapes a bin): a 0.5 sd tuning cannot be told from its sampling error
+SERVER_CHARTS = up_charts([1.0, 2.0])
 
 
 class Baseline:
@@ -138,7 +144,7 @@ class Version:
         self.learned = 0
         self.error_statistic = 0.0
         self.errors_recent = np.zeros(0, dtype=np.int8)
-        self.seen = 0
+        self.seen = 0  # events watched
         self.last_ts = -math.inf
         self.quiet: dict[str, int] = {}  # family -> version events until which it is not reported
         self.ring: np.ndarray | None = None  # recent rows for a baseline refresh (when the job runs)
@@ -146,6 +152,7 @@ class Version:
         self.ring_count = 0
         self.payload_quiet = -math.inf  # event time until which payloads without a client are not reported
         self.small_rises = 0  # chart alarms not reported: the rise was under min_ratio
+        self.pending: dict[str, dict[str, Any]] = {}  # figure -> a crossing waiting for CONFIRM values
 
     @property
     def state(self) -> str:
@@ -198,6 +205,7 @@ class Resource(Detector):
         client_idle: float = 3600.0  # seconds of event time after which an idle client is forgotten
         payload_factor: float = 4.0  # input_bytes above this x the baseline's largest: payload_anomaly
         error_rate: float = 0.02  # the error chart is tuned to a rise to this share (or 3x the baseline's)
+        ok_statuses: list[str] = msgspec.field(default_factory=lambda: ["ok", "success", "200"])  # any case
         hst: bool = True  # HalfSpaceTrees on the figures together
         # the figures the trees read: what a request costs, and its size (memory is most often a
         # process's, not a request's, and would dilute their splits)
@@ -208,7 +216,7 @@ class Resource(Detector):
         hst_height: int = 8
         hst_quantile: float = 0.99
         max_versions: int = 16
-        server_reference: int = 127  # scrapes of a target that form its baseline
+        server_reference: int = 128  # scrapes of a target that form its baseline (its CPU: one fewer)
         cooldown: int = 5000  # a version's events of quiet per family after its alarm; a client's likewise
 
         def check(self) -> tuple[str, str] | None:
@@ -218,8 +226,8 @@ class Resource(Detector):
                 return "figures", "expected at least one figure"
             if self.reference_size < 2 * BINS - 1:
                 return "reference_size", f"expected at least {2 * BINS - 1} events, got {self.reference_size}"
-            if self.server_reference < 2 * BINS - 1:
-                return "server_reference", f"expected at least {2 * BINS - 1} scrapes, got {self.server_reference}"
+            if self.server_reference < 2 * BINS:
+                return "server_reference", f"expected at least {2 * BINS} scrapes, got {self.server_reference}"
             if not self.shifts or any(not 0.25 <= s <= 5 for s in self.shifts):
                 return "shifts", f"expected one or more shifts between 0.25 and 5 sd, got {self.shifts}"
             if not 1 <= self.expensive_bins <= BINS // 4:
@@ -247,6 +255,7 @@ class Resource(Detector):
         p = params
         self.figures = tuple(dict.fromkeys(p.figures))
         self.client_columns = [self.figures.index(f) for f in dict.fromkeys(p.client_figures) if f in self.figures]
+        self.ok = frozenset(s.lower() for s in p.ok_statuses)
         self.hst_columns = [self.figures.index(f) for f in dict.fromkeys(p.hst_figures) if f in self.figures]
         self.hst_names = [self.figures[j] for j in self.hst_columns]
         self.charts = up_charts(p.shifts)
@@ -255,7 +264,6 @@ class Resource(Detector):
         self.clients: dict[str, ClientState] = {}
         self.client_p0 = math.nan
         self.client_h = math.nan
-        self.client_base = math.nan
         self.recent_share = math.nan  # the model's recent share of expensive events
         self.hst: Any = None
         self.hst_position = 0
@@ -270,8 +278,9 @@ class Resource(Detector):
         self.hst_seen = 0
         self.hst_quiet = 0
         self.servers: dict[str, dict[str, Any]] = {}
+        self.params_id = msgspec.json.encode(p).hex()  # a checkpoint of other parameters is not restored
         self.recording = False  # the refresh job ran once: versions keep recent rows
-        self.seen = 0
+        self.untracked = 0  # events of versions beyond max_versions, not watched
         self.alarms = 0
 
     # -- the batch ------------------------------------------------------------------------------
@@ -281,49 +290,79 @@ class Resource(Detector):
         if n == 0:
             return []
         matrix = np.column_stack([batch.column(f) for f in self.figures])
-        status = _status(batch)
+        status = _status(batch, self.ok)
         names = [e.model_version or "" for e in batch.events]
         expensive = np.full(n, -1, dtype=np.int8)  # 1 expensive, 0 not, -1 not comparable
         ranks = np.full((n, len(self.figures)), np.nan)
         found: list[Detection] = []
-        for name, rows in _group(names).items():
-            version = self._version(name)
+        groups = _group(names)
+        for name, rows in groups.items():
+            version = self._version(name, groups)
+            if version is None:
+                continue
             version.last_ts = float(batch.ts[rows[-1]])
-            if not version.own:
-                self._learn(version, matrix[rows], status[rows])
-            if version.baseline is not None:
-                found.extend(self._watch(version, batch, rows, matrix[rows], status[rows], expensive, ranks))
-            version.seen += len(rows)
+            found.extend(self._take(version, batch, rows, matrix, status, expensive, ranks))
             if self.recording:
                 _remember(version, matrix[rows], self.params.reference_size)
         if self.params.hst and self.hst_columns:
             found.extend(self._watch_hst(batch, ranks[:, self.hst_columns]))
         found.extend(self._watch_clients(batch, matrix, expensive))
-        self.seen += n
+        if len(self.clients) > self.params.max_clients:
+            self.evict_idle(float(batch.ts[-1]), overflow=True)
         self.alarms += len(found)
         found.sort(key=lambda d: d.ts)
         return found
 
-    def _version(self, name: str) -> Version:
+    def _take(self, version: Version, batch: ModelBatch, rows: np.ndarray, matrix: np.ndarray, status: np.ndarray,
+              expensive: np.ndarray, ranks: np.ndarray) -> list[Detection]:
+        """A version's events, watched against its baseline. While it learns its own, the events that
+        go into it are watched against the inherited one (if any) first, and those after it against its
+        own: the same events give the same detections whatever the batch sizes."""
+        found: list[Detection] = []
+        if not version.own:
+            head = rows[: self.params.reference_size - version.learned]
+            if version.baseline is not None:
+                found.extend(self._watch_rows(version, batch, head, matrix, status, expensive, ranks))
+            self._learn(version, matrix[head], status[head])
+            rows = rows[len(head):]
+        if version.own and rows.size:
+            found.extend(self._watch_rows(version, batch, rows, matrix, status, expensive, ranks))
+        return found
+
+    def _watch_rows(self, version: Version, batch: ModelBatch, rows: np.ndarray, matrix: np.ndarray,
+                    status: np.ndarray, expensive: np.ndarray, ranks: np.ndarray) -> list[Detection]:
+        found = self._watch(version, batch, rows, matrix[rows], status[rows], expensive, ranks)
+        version.seen += len(rows)
+        return found
+
+    def _version(self, name: str, active: dict[str, np.ndarray]) -> Version | None:
+        """The version's state; a new one takes the place of the least recently seen version that is
+        neither in this batch nor the newest baseline's. None when there is no such place: its events
+        are counted (``untracked``) but not watched."""
         version = self.versions.get(name)
-        if version is None:
-            version = self.versions[name] = Version(name, self.established)
-            if len(self.versions) > self.params.max_versions:
-                idle = min((v for v in self.versions.values() if v is not version),
-                           key=lambda v: v.last_ts)
-                del self.versions[idle.name]
-                log.info("%s: more than %d versions; forgot the least recent, %r", self.model,
-                         self.params.max_versions, idle.name)
+        if version is not None:
+            return version
+        if len(self.versions) >= self.params.max_versions:
+            owner = self.established.owner if self.established is not None else None
+            candidates = [v for v in self.versions.values() if v.name not in active and v.label != owner]
+            if not candidates:
+                self.untracked += len(active[name])
+                return None
+            gone = min(candidates, key=lambda v: (v.own, v.last_ts))  # learning ones first, then the least recent
+            del self.versions[gone.name]
+            log.info("%s: more than %d versions; forgot %r", self.model, self.params.max_versions, gone.label)
+        version = self.versions[name] = Version(name, self.established)
         return version
 
     def _learn(self, version: Version, rows: np.ndarray, status: np.ndarray) -> None:
-        take = self.params.reference_size - version.learned
-        version.learning.append(rows[:take])
-        version.learning_status.append(status[:take])
-        version.learned += min(take, len(rows))
+        """Take events for the version's own baseline (``rows``: at most what it still needs)."""
+        version.learning.append(rows)
+        version.learning_status.append(status)
+        version.learned += len(rows)
         if version.learned >= self.params.reference_size:
-            self._build(version, np.concatenate(version.learning), np.concatenate(version.learning_status))
+            learnt, learnt_status = np.concatenate(version.learning), np.concatenate(version.learning_status)
             version.learning, version.learning_status = [], []
+            self._build(version, learnt, learnt_status)
 
     def _build(self, version: Version, rows: np.ndarray, status: np.ndarray) -> None:
         """The version's own baseline from ``rows`` (its first events, or its recent ones at a refresh)."""
@@ -335,7 +374,8 @@ class Resource(Detector):
         baseline = Baseline(version.label, rows, self.figures, self.charts, p.ert, others)
         payload = rows[:, self.figures.index("input_bytes")] if "input_bytes" in self.figures else np.zeros(0)
         payload = payload[~np.isnan(payload)]
-        baseline.payload_bound = float(payload.max()) * p.payload_factor if len(payload) else math.inf
+        largest = float(payload.max()) if len(payload) else 0.0
+        baseline.payload_bound = largest * p.payload_factor if largest > 0 else math.inf  # no sizes: no check
         marks = self._expensive(baseline, rows)
         marks = marks[marks >= 0]
         baseline.expensive_share = float(marks.mean()) if len(marks) >= 2 * BINS else math.nan
@@ -344,7 +384,11 @@ class Resource(Detector):
         if len(counted):
             p0 = (float(counted.sum()) + 0.5) / (len(counted) + 1)
             baseline.error_p0 = p0
-            baseline.error_chart = _bernoulli_chart(p0, max(3 * p0, p.error_rate), baseline.arl, len(counted))
+            if p0 < 0.3:
+                baseline.error_chart = _bernoulli_chart(p0, max(3 * p0, p.error_rate), baseline.arl, len(counted))
+            else:  # most events "fail": their status is not what ok_statuses says success looks like
+                log.warning("%s: %.0f%% of the statuses of version %s are not in ok_statuses %s: no error "
+                            "chart for it", self.model, 100 * p0, version.label, p.ok_statuses)
             version.error_statistic = 0.0
         elif version.baseline is not None:
             baseline.error_p0, baseline.error_chart = version.baseline.error_p0, version.baseline.error_chart
@@ -400,19 +444,21 @@ class Resource(Detector):
             before = group.last(RECENT)[:, 0]
             before = before[~np.isnan(before)]
             start = group.seen
-            for _, chart, index, excess in group.update(column, bins):
-                group.quiet([0], start + index + 1 + self.params.cooldown)
-                window = np.concatenate([before, column[: index + 1, 0]])[-RECENT:]
-                since, observed, base, ratio = _since_change(group, group.charts[chart], window)
-                if ratio < self.params.min_ratio:
-                    version.small_rises += 1  # a real rise, too small to be worth a report
+            hits = group.update(column, bins)
+            for pos, chart, excess, window in _judged(group, version.pending, figure, column[:, 0], before, hits,
+                                                      CONFIRM):
+                observed, base = float(np.median(window)), float(group.ref_quantiles[1, 0])
+                ratio = _ratio(observed, base)
+                if not _rose(observed, base, ratio, self.params.min_ratio):
+                    version.small_rises += 1  # a crossing whose rise is too small to report
                     continue
-                rises.append((int(rows[present[index]]), figure, {
+                group.quiet([0], start + pos + 1 + self.params.cooldown)
+                rises.append((int(rows[present[pos]]), figure, {
                     "baseline": {"median": base, "events": version.baseline.events,
                                  "quantiles_5_50_95": [float(q) for q in group.ref_quantiles[:, 0]]},
-                    "observed": {"median": observed, "events": len(window) - since,
-                                 "quantiles_5_50_95": np.quantile(window[since:], [0.05, 0.5, 0.95]).tolist()},
-                    "ratio": round(ratio, 4), "chart": group.charts[chart].name, "excess": round(excess, 3)}))
+                    "observed": {"median": observed, "events": len(window),
+                                 "quantiles_5_50_95": np.quantile(window, [0.05, 0.5, 0.95]).tolist()},
+                    "ratio": ratio, "chart": chart, "excess": round(excess, 3)}))
         if rises:
             # one report per version and cooldown: a slower release moves latency and CPU together
             index = min(r[0] for r in rises)
@@ -439,18 +485,19 @@ class Resource(Detector):
         """The figures whose charts crossed, each with the median since the change its chart found
         against the baseline's."""
         # latency first when it rose (it names the kind), then by how far each rose
-        figures = {figure: rise for _, figure, rise in sorted(rises, key=lambda r: (r[1] != "latency_ms", -r[2]["ratio"]))}
+        figures = {figure: rise for _, figure, rise in sorted(
+            rises, key=lambda r: (r[1] != "latency_ms", -(r[2]["ratio"] if r[2]["ratio"] is not None else math.inf)))}
         top, rise = next(iter(figures.items()))
         ratio = rise["ratio"]
         kind = "latency_anomaly" if "latency_ms" in figures else _kind(top)
         compared = version.baseline.owner
         against = "its own baseline" if version.own and compared == version.label else f"the baseline of {compared}"
-        others = [f"{f} {r['ratio']:.2f}x" for f, r in list(figures.items())[1:]]
+        others = [f"{f} {_times(r['ratio'])}" for f, r in list(figures.items())[1:]]
         return self._detection(
             batch, index, kind, subject=f"{version.label}:figures", client=None,
-            severity="critical" if ratio >= CRITICAL_RATIO or rise["excess"] >= 1.5 else "warning",
-            score=ratio, threshold=self.params.min_ratio,
-            summary=(f"{top} of {self.model} {version.label} is {ratio:.2f}x {against} (median "
+            severity="critical" if ratio is None or ratio >= CRITICAL_RATIO or rise["excess"] >= 1.5 else "warning",
+            score=ratio if ratio is not None else rise["observed"]["median"], threshold=self.params.min_ratio,
+            summary=(f"{top} of {self.model} {version.label} is {_times(ratio)} {against} (median "
                      f"{rise['observed']['median']:.4g} against {rise['baseline']['median']:.4g}) over its last "
                      f"{rise['observed']['events']} events" + (f"; also {', '.join(others)}" if others else "")
                      + f" (rank CUSUM, ERT {self.params.ert:,.0f} events)"),
@@ -464,7 +511,8 @@ class Resource(Detector):
         if counted.size == 0 or version.baseline.error_chart is None:
             return []
         marks = status[counted]
-        version.errors_recent = np.concatenate([version.errors_recent, marks])[-RECENT:]
+        before = version.errors_recent
+        version.errors_recent = np.concatenate([before, marks])[-RECENT:]
         p0, p1, h = version.baseline.error_chart
         alarms, version.error_statistic = cusum.run(marks, p0, p1, h, version.error_statistic)
         found = []
@@ -474,17 +522,16 @@ class Resource(Detector):
             if at < version.quiet.get("errors", 0):
                 continue
             version.quiet["errors"] = at + self.params.cooldown
-            window = np.concatenate([version.errors_recent[: -len(marks)] if len(marks) < len(version.errors_recent)
-                                     else np.zeros(0, dtype=np.int8), marks[: i + 1]])[-200:]
+            window = np.concatenate([before, marks[: i + 1]])[-200:]
             rate = float(window.mean())
             label = version.label
             statuses: dict[str, int] = {}
             clients: dict[str, int] = {}
-            for e in batch.events[max(0, index - 199): index + 1]:
-                if e.status is not None and e.status != "ok":
-                    statuses[e.status] = statuses.get(e.status, 0) + 1
-                    if e.client_id is not None:
-                        clients[e.client_id] = clients.get(e.client_id, 0) + 1
+            for j in rows[counted[max(0, i - 199): i + 1]][marks[max(0, i - 199): i + 1] > 0].tolist():
+                e = batch.events[j]  # this version's failed events of the window (in this batch)
+                statuses[e.status] = statuses.get(e.status, 0) + 1
+                if e.client_id is not None:
+                    clients[e.client_id] = clients.get(e.client_id, 0) + 1
             ratio = rate / p0
             found.append(self._detection(
                 batch, index, "error_spike", subject=f"{label}:errors", client=None,
@@ -520,6 +567,7 @@ class Resource(Detector):
                 continue
             if state is None and client is not None:
                 state = self.clients[client] = ClientState(len(self.client_columns))
+                state.last_ts = ts
             if state is not None:
                 state.payload_quiet = ts + self.params.client_idle / 4
             else:
@@ -621,12 +669,11 @@ class Resource(Detector):
         share = float(marks.mean())
         weight = 1 - 0.5 ** (len(marks) / MODEL_HALF_LIFE)
         self.recent_share += weight * (share - self.recent_share)
-        base = _stepped(self.client_p0, max(self.recent_share, share))
+        base = compared_rate(self.client_p0, self.recent_share, share, len(marks))
         if base * self.params.client_shift >= 0.99:
             return []  # most events are expensive: no client stands out, and none is judged
         p1 = self.params.client_shift * base
         h = self.client_h if base == self.client_p0 else cusum.threshold_for_ert(base, p1, self.params.client_ert)
-        self.client_base = base
         a, b, step = cusum._grid(base, p1)
         up, down = a * step, -b * step
         ids = [batch.events[i].client_id for i in present.tolist()]
@@ -664,9 +711,8 @@ class Resource(Detector):
                     state.statistic = 0.0
                     if state.events >= self.params.min_client_events and state.events >= state.quiet_until:
                         state.quiet_until = state.events + self.params.cooldown
-                        window = marks_sorted[lo: pos + 1]
                         found.append(self._sponge(batch, int(present[order[pos]]), client, state,
-                                                  float(window.mean()), len(window), base, h))
+                                                  state.marks / state.events, state.events, base, h))
         if len(self.clients) > self.params.max_clients:
             self.evict_idle(float(ts[-1]), overflow=True)
         return found
@@ -682,18 +728,19 @@ class Resource(Detector):
                 continue
             median = baseline.median(figure)
             observed = math.expm1(float(state.cost[n]))
+            # the client's recent typical value: an exponential mean of log1p over its last few dozen requests
             figures[figure] = {"baseline_median": median, "client_recent": observed,
                                "ratio": round(observed / median, 4) if median > 0 else None}
         top = max((f for f in figures.values() if f["ratio"] is not None), key=lambda f: f["ratio"], default=None)
         worst = max(figures, key=lambda f: figures[f]["ratio"] or 0) if figures else None
         ratio = top["ratio"] if top else rate / base
-        text = (f"; its {worst} is {ratio:.1f}x the baseline median ({figures[worst]['client_recent']:.4g} "
+        text = (f"; its recent {worst} is {ratio:.1f}x the baseline median ({figures[worst]['client_recent']:.4g} "
                 f"against {figures[worst]['baseline_median']:.4g})" if top else "")
         return self._detection(
             batch, index, "resource_anomaly", subject="sponge", client=client,
             severity="critical" if ratio >= 4 else "warning", score=ratio, threshold=1.0,
-            summary=(f"client {client} sends expensive requests to {self.model}: {rate:.0%} of its last {events} "
-                     f"events in the top {self.params.expensive_bins}/64 of the cost baseline, against "
+            summary=(f"client {client} sends expensive requests to {self.model}: {rate:.0%} of its {events} "
+                     f"requests in the top {self.params.expensive_bins}/64 of the cost baseline, against "
                      f"{base:.1%} for the model{text} (Bernoulli CUSUM, ERT {self.params.client_ert:,.0f})"),
             evidence={"figures": figures, "baseline": {"expensive_share": base,
                       "reference_share": self.client_p0}, "observed": {"expensive_share": rate, "events": events},
@@ -705,16 +752,7 @@ class Resource(Detector):
         """Forget clients idle for ``client_idle`` seconds of event time (then, when ``overflow``, the
         least recently seen beyond ``max_clients``); never one half-way to an alarm. Returns how many."""
         keep = (self.client_h / 2) if not math.isnan(self.client_h) else math.inf
-        before = len(self.clients)
-        for c in [c for c, st in self.clients.items()
-                  if now - st.last_ts > self.params.client_idle and st.statistic <= keep]:
-            del self.clients[c]
-        excess = len(self.clients) - self.params.max_clients
-        if overflow and excess > 0:
-            candidates = sorted((st.last_ts, c) for c, st in self.clients.items() if st.statistic <= keep)
-            for _, c in candidates[: excess + self.params.max_clients // 10]:
-                del self.clients[c]
-        return before - len(self.clients)
+        return evict(self.clients, now, self.params.client_idle, keep, self.params.max_clients, overflow)
 
     # -- scheduled work -------------------------------------------------------------------------
 
@@ -737,14 +775,14 @@ class Resource(Detector):
             rows = np.roll(version.ring, -version.ring_pos, axis=0)
             self._build(version, rows, np.full(len(rows), -1, dtype=np.int8))
             rebuilt.append(version.label)
-        if rebuilt and self.hst is not None:  # the trees learn the new baselines' ranks afresh
+        if rebuilt and (self.hst_learned or self.hst_chart):  # the trees learn the new baselines' ranks afresh
             self.hst, self.hst_learned, self.hst_chart, self.hst_statistic = None, 0, None, 0.0
-            self.hst_points = []
+            self.hst_points, self.hst_scores = [], []
         return rebuilt
 
     def observe_server(self, target: str, ts: float, figures: dict[str, float]) -> list[Detection]:
         """One scrape of a model server: charted against the target's first ``server_reference`` scrapes."""
-        server = self.servers.setdefault(target, {"learning": [], "baseline": None, "seen": 0, "quiet": 0,
+        server = self.servers.setdefault(target, {"learning": [], "baseline": None, "seen": 0, "pending": {},
                                                   "last": {}, "ts": ts})
         row = np.asarray([[figures.get(f, math.nan) for f in SERVER_FIGURES]], dtype=np.float64)
         server["last"], server["ts"] = dict(figures), ts
@@ -753,7 +791,7 @@ class Resource(Detector):
             server["learning"].append(row)
             if len(server["learning"]) >= self.params.server_reference:
                 server["baseline"] = Baseline(target, np.concatenate(server["learning"]), SERVER_FIGURES,
-                                              self.charts, self.params.server_ert)
+                                              SERVER_CHARTS, self.params.server_ert)
                 server["learning"] = []
             return []
         found = []
@@ -763,31 +801,27 @@ class Resource(Detector):
                 continue
             before = group.last(RECENT)[:, 0]
             before = before[~np.isnan(before)]
-            for _, chart, _, excess in group.update(row[:, j:j + 1]):
-                group.quiet([0], group.seen + self.params.server_reference)
-                window = np.concatenate([before, row[:, j]])[-RECENT:]
-                since, observed, base, ratio = _since_change(group, group.charts[chart], window)
-                if server["seen"] < server["quiet"] or ratio < self.params.min_ratio:
+            start = group.seen
+            hits = group.update(row[:, j:j + 1])
+            for pos, chart, excess, window in _judged(group, server["pending"], figure, row[:, j], before, hits,
+                                                      SERVER_CONFIRM):
+                observed, base = float(np.median(window)), float(group.ref_quantiles[1, 0])
+                ratio = _ratio(observed, base)
+                if not _rose(observed, base, ratio, self.params.min_ratio):
                     continue
-                server["quiet"] = server["seen"] + self.params.server_reference
-                found.append(self._server_detection(target, ts, figure, group, chart, excess, window[since:], base))
+                group.quiet([0], start + pos + 1 + self.params.server_reference)
+                found.append(make_detection(
+                    detector=self.name, kind="resource_anomaly", model=self.model, window_start=ts, ts=ts,
+                    subject=f"server:{target}:{figure}",
+                    severity="critical" if ratio is None or ratio >= CRITICAL_RATIO else "warning",
+                    score=ratio if ratio is not None else observed, threshold=self.params.min_ratio,
+                    summary=(f"model server {target} of {self.model}: {figure} {observed:.4g} against a baseline "
+                             f"median of {base:.4g} ({_times(ratio)}) over its last {len(window)} scrapes (rank "
+                             f"CUSUM, ERT {self.params.server_ert:,.0f} scrapes)"),
+                    evidence={"server": target, "figure": figure, "baseline": {"median": base},
+                              "observed": {"median": observed, "scrapes": len(window)}, "ratio": ratio,
+                              "chart": chart, "excess": round(excess, 3), "event_ids": []}))
         return found
-
-    def _server_detection(self, target: str, ts: float, figure: str, group: ColumnGroup, chart: int,
-                          excess: float, window: np.ndarray, base: float) -> Detection:
-        c = group.charts[chart]
-        observed = float(np.median(window))
-        ratio = observed / base if base > 0 else math.inf
-        return make_detection(
-            detector=self.name, kind="resource_anomaly", model=self.model, window_start=ts, ts=ts,
-            subject=f"server:{target}:{figure}", severity="critical" if ratio >= CRITICAL_RATIO else "warning",
-            score=round(ratio, 4), threshold=1.0,
-            summary=(f"model server {target} of {self.model}: {figure} {observed:.4g} against a baseline median "
-                     f"of {base:.4g} ({ratio:.2f}x) over its last {len(window)} scrapes (rank CUSUM, "
-                     f"ERT {self.params.server_ert:,.0f} scrapes)"),
-            evidence={"server": target, "figure": figure, "baseline": {"median": base},
-                      "observed": {"median": observed, "scrapes": len(window)}, "ratio": round(ratio, 4),
-                      "chart": c.name, "excess": round(excess, 3), "event_ids": []})
 
     # -- reports --------------------------------------------------------------------------------
 
@@ -818,6 +852,10 @@ class Resource(Detector):
         return {k: v for k, v in super().state().items() if k != "hst"}
 
     def restore(self, state: dict[str, Any]) -> None:
+        if state.get("params_id") != self.params_id:
+            log.info("%s: the resource checkpoint was made with other parameters; learning baselines anew",
+                     self.model)
+            return
         super().restore(state)
         self.hst = None  # grown again from hst_points when next needed
 
@@ -834,11 +872,13 @@ class Resource(Detector):
                 "error_rate_baseline": None if b is None or math.isnan(b.error_p0) else b.error_p0,
                 "medians": {f: b.median(f) for f in b.groups} if b is not None else {},
                 "charts_largest": round(b.largest_charted(), 3) if b is not None else 0.0,
+                "crossings_too_small": v.small_rises,
             }
         top = sorted(self.clients.items(), key=lambda kv: -kv[1].statistic)[:10]
         out.update({
             "state": "armed" if self.established is not None else "learning baselines",
             "versions": versions, "clients_tracked": len(self.clients), "alarms": self.alarms,
+            "untracked_version_events": self.untracked,
             "client_threshold": None if math.isnan(self.client_h) else self.client_h,
             "top_clients": [{"client_id": c, "events": st.events, "expensive": st.marks, "statistic": st.statistic}
                             for c, st in top],
@@ -852,20 +892,59 @@ class Resource(Detector):
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _since_change(group: ColumnGroup, chart: Chart, window: np.ndarray) -> tuple[int, float, float, float]:
-    """(where the change starts in ``window``, the median since, the baseline's median, their ratio). The
-    start is the one the chart's statistic implies: the suffix of the window whose sum of ``score - k``
-    is largest."""
-    scores = 2 * group.bins.bins(window[:, None])[0].astype(np.int64) - (BINS - 1) - chart.k
-    since = int(np.argmax(np.cumsum(scores[::-1])[::-1]))
-    observed = float(np.median(window[since:]))
-    base = float(group.ref_quantiles[1, 0])
-    return since, observed, base, (observed / base if base > 0 else math.inf)
+def _judged(group: ColumnGroup, pending: dict[str, dict[str, Any]], key: str, column: np.ndarray,
+            before: np.ndarray, hits: list[tuple[int, int, int, float]],
+            confirm: int) -> list[tuple[int, str, float, np.ndarray]]:
+    """The crossings of a figure's charts that can be judged now, as (position in ``column`` where the
+    judgement falls, chart, excess, the values judged). A crossing is judged on the values since the
+    change its chart found (the suffix of the recent values whose sum of ``score - k`` is largest, the
+    window the CUSUM statistic sums) and the ``confirm`` values after it: the crossing's own window is
+    the luckiest stretch of the stream, and its median alone makes a false alarm look like a 1.5x rise.
+    A crossing still waiting for its values is kept in ``pending`` under ``key`` (across batches); the
+    chart's crossings meanwhile are part of it."""
+    out = []
+    resolved = -1
+    entry = pending.get(key)
+    if entry is not None:
+        take = min(entry["left"], len(column))
+        entry["values"] = np.concatenate([entry["values"], column[:take]])
+        entry["left"] -= take
+        if entry["left"] == 0:
+            del pending[key]
+            resolved = take - 1
+            out.append((resolved, entry["chart"], entry["excess"], entry["values"]))
+    for _, chart, index, excess in hits:
+        if key in pending or index <= resolved:
+            continue
+        c = group.charts[chart]
+        window = np.concatenate([before, column[: index + 1]])[-RECENT:]
+        scores = 2 * group.bins.bins(window[:, None])[0].astype(np.int64) - (BINS - 1) - c.k
+        since = int(np.argmax(np.cumsum(scores[::-1])[::-1]))
+        after = column[index + 1: index + 1 + confirm]
+        values = np.concatenate([window[since:], after])
+        if len(after) == confirm:
+            out.append((index + confirm, c.name, excess, values))
+        else:
+            pending[key] = {"values": values, "left": confirm - len(after), "chart": c.name, "excess": excess}
+    return out
 
 
-def _status(batch: ModelBatch) -> np.ndarray:
-    """1 for an event whose status is not ``ok`` (an error, a timeout), 0 for ``ok``, -1 for none."""
-    return np.fromiter((-1 if (s := e.status) is None else int(s != "ok") for e in batch.events),
+def _ratio(observed: float, base: float) -> float | None:
+    """observed / base, rounded; None when the baseline's median is 0 (no ratio to speak of)."""
+    return round(observed / base, 4) if base > 0 else None
+
+
+def _rose(observed: float, base: float, ratio: float | None, min_ratio: float) -> bool:
+    return observed > base if ratio is None else ratio >= min_ratio
+
+
+def _times(ratio: float | None) -> str:
+    return "above 0" if ratio is None else f"{ratio:.2f}x"
+
+
+def _status(batch: ModelBatch, ok: frozenset[str]) -> np.ndarray:
+    """1 for an event whose status is not one of ``ok`` (an error, a timeout), 0 for one, -1 for none."""
+    return np.fromiter((-1 if (s := e.status) is None else int(s.lower() not in ok) for e in batch.events),
                        dtype=np.int8, count=len(batch))
 
 
@@ -877,26 +956,6 @@ def _group(names: list[str]) -> dict[str, np.ndarray]:
     for i, name in enumerate(names):
         out.setdefault(name, []).append(i)
     return {name: np.asarray(rows) for name, rows in out.items()}
-
-
-def group_by_client(ids: list[str | None]) -> tuple[list[str | None], np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct ids in order of first appearance, the stable order that groups the events by id, the
-    start and end of each id's run in that order)."""
-    codes_of: dict[str | None, int] = {}
-    codes = np.fromiter((codes_of.setdefault(c, len(codes_of)) for c in ids), dtype=np.int64, count=len(ids))
-    order = np.argsort(codes, kind="stable")
-    sorted_codes = codes[order]
-    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-    ends = np.r_[starts[1:], len(order)]
-    return list(codes_of), order, starts, ends
-
-
-def _stepped(p0: float, rate: float) -> float:
-    """The share a client is compared with: ``p0``, or the model's current share when that is a quarter
-    above it, in steps of a quarter (few distinct values, so few threshold calibrations)."""
-    if rate <= BASELINE_STEP * p0:
-        return p0
-    return p0 * BASELINE_STEP ** math.ceil(math.log(rate / p0) / math.log(BASELINE_STEP))
 
 
 def _follow(state: ClientState, costs: np.ndarray) -> None:
@@ -916,7 +975,7 @@ def _follow(state: ClientState, costs: np.ndarray) -> None:
 
 def _remember(version: Version, rows: np.ndarray, size: int) -> None:
     if version.ring is None:
-        version.ring = np.full((size, rows.shape[1]), np.nan, dtype=np.float32)
+        version.ring = np.full((size, rows.shape[1]), np.nan)  # float64: the figures as they came
     rows = rows[-size:]
     at = (version.ring_pos + np.arange(len(rows))) % size
     version.ring[at] = rows

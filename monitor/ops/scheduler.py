@@ -37,8 +37,12 @@ class Jobs:
                 ok = work()
             except Exception:
                 log.exception("scheduled job %s failed", name)
-                ok = False
-            self.done(name, ok)
+                self.done(name, False)
+                return
+            # it ran (the last-run time moves), and a partial failure is counted
+            self.metrics.job_last_run.labels(name).set(time.time())
+            if not ok:
+                self.metrics.job_failures.labels(name).inc()
 
         self.scheduler.add_job(job, "interval", seconds=seconds, id=name, name=name)
 

@@ -7,20 +7,30 @@ parser. CPU is a counter of seconds, so the figure is its rate between two scrap
 counter that went back (a restarted server) starts the rate afresh. A target that fails (refused,
 timed out, not the exposition format) is logged when it starts and stops failing, counted in
 ``inferwatch_job_failures{job="scrape"}`` and shown by ``inferwatch_scrape_up``; the others are still read.
-URLs can hold credentials: logs and metrics name a target by its ``name`` (default host:port).
+Targets run in parallel, so one that times out does not delay the others. Credentials: a URL's
+``user:password@`` becomes a basic ``Authorization`` header, ``bearer_token`` a bearer one, and
+``${VAR}`` in either reads the environment (a Kubernetes Secret); all of them are registered with the
+log formatter, and logs and metrics name a target by its ``name`` (default host:port), never its URL.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import queue
+import re
 import time
+import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import ScrapeTarget
+from monitor.errors import ConfigError
+from monitor.ops import logs
 from monitor.ops.metrics import Metrics
 
 log = logging.getLogger("inferwatch.scrape")
@@ -54,9 +64,41 @@ def read_figures(text: str, target: ScrapeTarget) -> dict[str, float]:
     return out
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(text: str, where: str) -> str:
+    missing = [name for name in _ENV_REF.findall(text) if name not in os.environ]
+    if missing:
+        raise ConfigError(f"{where}: environment variable {missing[0]} is not set")
+    return _ENV_REF.sub(lambda m: os.environ[m.group(1)], text)
+
+
+def prepare(target: ScrapeTarget, where: str) -> tuple[str, dict[str, str]]:
+    """(the URL without credentials, the request's headers), secrets registered with the log formatter."""
+    url = _expand(target.url, f"{where}.url")
+    parts = urllib.parse.urlsplit(url)
+    headers = {"Accept": "text/plain;version=0.0.4"}
+    if parts.username is not None or parts.password is not None:
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        for secret in (password, parts.netloc.rsplit("@", 1)[0], url):
+            if secret:
+                logs.redact(secret)
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        url = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    if target.bearer_token:
+        token = _expand(target.bearer_token, f"{where}.bearer_token")
+        logs.redact(token)
+        headers["Authorization"] = f"Bearer {token}"
+    return url, headers
+
+
 class Scraper:
-    def __init__(self, targets: list[ScrapeTarget], timeout: float, metrics: Metrics):
+    def __init__(self, targets: list[ScrapeTarget], timeout: float, metrics: Metrics, where: str = "jobs.scrape"):
         self.targets = targets
+        self.requests = [prepare(t, f"{where}.targets[{i}]") for i, t in enumerate(targets)]
         self.timeout = timeout
         self.metrics = metrics
         self.samples: queue.SimpleQueue[tuple[str, str, float, dict[str, float]]] = queue.SimpleQueue()
@@ -64,18 +106,18 @@ class Scraper:
         self.failing: set[str] = set()
 
     def run(self) -> bool:
-        """One round over the targets (the job); False when any failed."""
+        """One round over the targets, in parallel (the job); False when any failed."""
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(self.targets)))) as pool:
+            outcomes = list(pool.map(self._attempt, range(len(self.targets))))
         ok = True
-        for target in self.targets:
+        for target, (url, _), (figures, error) in zip(self.targets, self.requests, outcomes):
             name = target.label()
-            try:
-                figures = self.scrape(target)
-            except Exception as exc:  # a failing target is reported, never fatal
+            if error is not None:  # a failing target is reported, never fatal
                 ok = False
                 self.metrics.scrape_up.labels(name).set(0)
                 if name not in self.failing:
                     self.failing.add(name)
-                    log.warning("scraping %s failed: %s", name, _describe(exc, target))
+                    log.warning("scraping %s failed: %s", name, _describe(error, url, name))
                 continue
             if name in self.failing:
                 self.failing.discard(name)
@@ -86,9 +128,17 @@ class Scraper:
             self.samples.put((target.model, name, time.time(), figures))
         return ok
 
-    def scrape(self, target: ScrapeTarget) -> dict[str, float]:
-        """Figures of one target: ``cpu_cores`` (from the second scrape on), ``memory_mb``, ``gpu_utilization``."""
-        request = urllib.request.Request(target.url, headers={"Accept": "text/plain;version=0.0.4"})
+    def _attempt(self, i: int) -> tuple[dict[str, float] | None, Exception | None]:
+        try:
+            return self.scrape(i), None
+        except Exception as exc:
+            return None, exc
+
+    def scrape(self, i: int) -> dict[str, float]:
+        """Figures of target ``i``: ``cpu_cores`` (from the second scrape on), ``memory_mb``, ``gpu_utilization``."""
+        target = self.targets[i]
+        url, headers = self.requests[i]
+        request = urllib.request.Request(url, headers=headers)
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             body = response.read(MAX_BYTES + 1)
         if len(body) > MAX_BYTES:
@@ -119,8 +169,8 @@ class Scraper:
                 return out
 
 
-def _describe(exc: Exception, target: ScrapeTarget) -> str:
-    """The error, with the URL (which may carry credentials) replaced by the target's name."""
+def _describe(exc: Exception, url: str, name: str) -> str:
+    """The error, with the URL replaced by the target's name (the log formatter hides the secrets)."""
     reason: Any = getattr(exc, "reason", None)
     if getattr(exc, "code", None) is not None:
         text = f"HTTP {exc.code}"  # type: ignore[attr-defined]
@@ -128,4 +178,4 @@ def _describe(exc: Exception, target: ScrapeTarget) -> str:
         text = f"{type(exc).__name__}: {reason}"
     else:
         text = f"{type(exc).__name__}: {exc}"
-    return text.replace(target.url, target.label())
+    return text.replace(url, name)
