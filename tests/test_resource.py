@@ -91,6 +91,25 @@ def test_the_sponge_client_at_8x_the_median_latency_is_reported_and_no_one_else(
     assert events[position(events, d)]["client_id"] == "sponger"
 
 
+@pytest.mark.parametrize("share", [0.3, 0.5])
+def test_a_sponge_client_sending_a_large_share_of_the_traffic_is_still_named(traffic, share):
+    """Compared with the rest of the model, not with a model it makes expensive itself."""
+    events = workload.events(traffic, n=12_000, seed=30, sponge_client="sponger", sponge_from=4000, sponge_share=share)
+    found = [d for d in run(Resource("digits", Resource.Params()), events) if d.client_id is not None]
+    assert [d.client_id for d in found] == ["sponger"]
+    own = [i for i, e in enumerate(events) if e["client_id"] == "sponger"]
+    assert own.index(position(events, found[0])) < 60
+
+
+def test_a_version_slowing_down_for_everyone_blames_no_client_even_in_tiny_batches(traffic):
+    events = workload.events(traffic, n=6000, seed=31)
+    for e in events[3000:]:
+        e["latency_ms"] *= 1.6
+        e["cpu_ms"] *= 1.6
+    found = run(Resource("digits", Resource.Params()), events, size=10)
+    assert [(d.kind, d.client_id) for d in found] == [("latency_anomaly", None)], [d.summary for d in found]
+
+
 @pytest.mark.parametrize("size", [1000, 5000, 20_000])
 def test_the_slower_version_and_its_errors_are_seen_whatever_the_batch_size(traffic, size):
     """A batch holding a new version's first 1,023 events (its whole baseline) is still compared with

@@ -264,7 +264,8 @@ class Resource(Detector):
         self.clients: dict[str, ClientState] = {}
         self.client_p0 = math.nan
         self.client_h = math.nan
-        self.recent_share = math.nan  # the model's recent share of expensive events
+        self.recent_share = math.nan  # the model's recent share of expensive events (calm clients')
+        self.costlier = False  # a version reported a rise in this batch
         self.hst: Any = None
         self.hst_position = 0
         self.hst_learned = 0
@@ -467,14 +468,15 @@ class Resource(Detector):
                 version.quiet["figures"] = at + self.params.cooldown
                 found.append(self._regression(batch, version, index, rises))
         marks = np.full(len(rows), -1, dtype=np.int8)
-        # clients are judged against a version only while it is in control: on its own baseline and
-        # not within the cooldown of a regression it reported (then every client of it is expensive)
-        if bins_of and version.own and version.seen + len(rows) >= version.quiet.get("figures", 0):
+        # a version on its predecessor's baseline judges no client: when it is slower, every request of
+        # it is expensive
+        if bins_of and version.own:
             top = BINS - self.params.expensive_bins
             for j in self.client_columns:
                 if j in bins_of:
                     present = np.flatnonzero(~np.isnan(values[:, j]))
                     marks[present] = np.maximum(marks[present], (bins_of[j] >= top).astype(np.int8))
+            self.costlier = self.costlier or bool(rises)
         expensive[rows] = marks
         found.extend(self._watch_errors(version, batch, rows, status))
         found.extend(self._watch_payloads(version, batch, rows, values))
@@ -660,43 +662,56 @@ class Resource(Detector):
     # -- clients --------------------------------------------------------------------------------
 
     def _watch_clients(self, batch: ModelBatch, matrix: np.ndarray, expensive: np.ndarray) -> list[Detection]:
+        """Every client's CUSUM on its expensive requests, all clients at once (``cusum.per_segment``).
+
+        A client is compared with the rest of the model: the reference share, or the share of the other
+        clients' requests of the batch (when there are enough of them) or the model's recent share when
+        that is higher. Leaving the client out matters for a client that sends a third of the traffic;
+        the recent share leaves out the clients half-way to an alarm for the same reason."""
         if math.isnan(self.client_h):
             return []
         present = np.flatnonzero(expensive >= 0)
         if present.size == 0:
             return []
         marks = expensive[present]
-        share = float(marks.mean())
-        weight = 1 - 0.5 ** (len(marks) / MODEL_HALF_LIFE)
-        self.recent_share += weight * (share - self.recent_share)
-        base = compared_rate(self.client_p0, self.recent_share, share, len(marks))
-        if base * self.params.client_shift >= 0.99:
-            return []  # most events are expensive: no client stands out, and none is judged
-        p1 = self.params.client_shift * base
-        h = self.client_h if base == self.client_p0 else cusum.threshold_for_ert(base, p1, self.params.client_ert)
-        a, b, step = cusum._grid(base, p1)
-        up, down = a * step, -b * step
-        ids = [batch.events[i].client_id for i in present.tolist()]
-        names, order, starts, ends = group_by_client(ids)
-        costs = np.log1p(np.maximum(matrix[present][:, self.client_columns], 0)) if self.client_columns else None
+        names, order, starts, ends = group_by_client([batch.events[i].client_id for i in present.tolist()])
         marks_sorted = marks[order]
-        s = cusum.per_segment(np.where(marks_sorted > 0, up, down), starts, ends - starts,
-                              np.fromiter((self.clients[c].statistic if c in self.clients else 0.0
-                                           for c in names), dtype=np.float64, count=len(names)))
-        crossed = np.maximum.reduceat(s, starts) > h
+        counts = ends - starts
         n_marks = np.add.reduceat(marks_sorted.astype(np.int64), starts)
+        states = [self.clients.get(c) if c is not None else None for c in names]
+        calm = np.fromiter((self._calm(st) for st in states), dtype=bool, count=len(names))
+        if calm.any():
+            weight = 1 - 0.5 ** (int(counts[calm].sum()) / MODEL_HALF_LIFE)
+            self.recent_share += weight * (float(n_marks[calm].sum() / counts[calm].sum()) - self.recent_share)
+        rest_n, rest_m = len(marks) - counts, int(n_marks.sum()) - n_marks
+        bases = [compared_rate(self.client_p0, self.recent_share, float(m) / n if n else 0.0, int(n))
+                 for n, m in zip(rest_n.tolist(), rest_m.tolist())]
+        charts = {base: self._client_chart(base) for base in set(bases)}  # (up, down, h); None: no client stands out
+        up = np.asarray([charts[b][0] if charts[b] else 0.0 for b in bases])
+        down = np.asarray([charts[b][1] if charts[b] else 0.0 for b in bases])
+        h = np.asarray([charts[b][2] if charts[b] else math.inf for b in bases])
+        steps = np.where(marks_sorted > 0, np.repeat(up, counts), np.repeat(down, counts))
+        s = cusum.per_segment(steps, starts, counts,
+                              np.fromiter((st.statistic if st is not None else 0.0 for st in states),
+                                          dtype=np.float64, count=len(names)))
+        crossed = np.maximum.reduceat(s, starts) > h
+        costs = np.log1p(np.maximum(matrix[present][:, self.client_columns], 0)) if self.client_columns else None
         ts = batch.ts
         found = []
         for k, client in enumerate(names):
             if client is None:
                 continue
-            state = self.clients.get(client)
+            state = states[k]
             if state is None:
                 state = self.clients[client] = ClientState(len(self.client_columns))
             lo, hi = int(starts[k]), int(ends[k])
             state.last_ts = float(ts[present[order[hi - 1]]])
             if costs is not None:
                 _follow(state, costs[order[lo:hi]])
+            if charts[bases[k]] is None:  # the rest of the model is as expensive: nothing to tell
+                state.events += hi - lo
+                state.marks += int(n_marks[k])
+                continue
             if not crossed[k]:
                 state.events += hi - lo
                 state.marks += int(n_marks[k])
@@ -706,16 +721,36 @@ class Resource(Detector):
                 mark = int(marks_sorted[pos])
                 state.events += 1
                 state.marks += mark
-                state.statistic = max(0.0, state.statistic + (up if mark else down))
-                if state.statistic > h:
+                state.statistic = max(0.0, state.statistic + (up[k] if mark else down[k]))
+                if state.statistic > h[k]:
                     state.statistic = 0.0
                     if state.events >= self.params.min_client_events and state.events >= state.quiet_until:
                         state.quiet_until = state.events + self.params.cooldown
                         found.append(self._sponge(batch, int(present[order[pos]]), client, state,
-                                                  state.marks / state.events, state.events, base, h))
-        if len(self.clients) > self.params.max_clients:
-            self.evict_idle(float(ts[-1]), overflow=True)
+                                                  state.marks / state.events, state.events, bases[k], float(h[k])))
+        if self.costlier:
+            # A version reported a rise: clients are compared with the calm clients' share of this batch
+            # from now on, not once the recent share has caught up (a quiet model polls in tiny batches).
+            self.costlier = False
+            calm = np.fromiter((self._calm(self.clients.get(c)) for c in names), dtype=bool, count=len(names))
+            if calm.any():
+                self.recent_share = max(self.recent_share, float(n_marks[calm].sum() / counts[calm].sum()))
         return found
+
+    def _calm(self, state: ClientState | None) -> bool:
+        """Neither half-way to an alarm nor within the cooldown of one: its requests say what the model's
+        are like (a client under suspicion may be what makes the model expensive)."""
+        return state is None or (state.statistic <= self.client_h / 2 and state.events >= state.quiet_until)
+
+    def _client_chart(self, base: float) -> tuple[float, float, float] | None:
+        """(increment of an expensive request, of another, threshold) of a client compared with ``base``;
+        None when ``client_shift`` x ``base`` is no rise (most of the model is expensive)."""
+        p1 = self.params.client_shift * base
+        if p1 >= 0.99:
+            return None
+        h = self.client_h if base == self.client_p0 else cusum.threshold_for_ert(base, p1, self.params.client_ert)
+        a, b, step = cusum._grid(base, p1)
+        return a * step, -b * step, h
 
     def _sponge(self, batch: ModelBatch, index: int, client: str, state: ClientState, rate: float, events: int,
                 base: float, h: float) -> Detection:
