@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-alibi bench bench-drift bench-probing clean
+.PHONY: install demo test test-alibi bench bench-drift bench-probing bench-resource clean
 
 install: $(STAMP)
 
@@ -42,6 +42,9 @@ bench-drift: install
 
 bench-probing: install
 	$(BIN)/python bench/probing_quality.py
+
+bench-resource: install
+	$(BIN)/python bench/resource_quality.py
 
 clean:
 	rm -rf $(VENV) $(ALIBI_VENV) build *.egg-info .pytest_cache
