@@ -22,7 +22,11 @@ examples:
   inferwatch run -c configs/inferwatch.yaml                  consume from Kafka as configured
   inferwatch run -c configs/inferwatch.yaml --bootstrap kafka:9092 --group ml-watch
   inferwatch run -c configs/inferwatch.yaml --input logs/*.jsonl.gz --output detections.jsonl
-  inferwatch check -c configs/inferwatch.yaml                validate a config (exit 2 when invalid)
+  inferwatch check -c configs/inferwatch.yaml                validate a config and its playbooks (exit 2 when invalid)
+  inferwatch run -c configs/inferwatch.yaml --stage respond  run only the playbooks, on the detections topic
+  inferwatch playbooks test -p playbooks --detection d.json  which playbooks match, which steps would run
+  inferwatch pending                                         steps awaiting approval (INFERWATCH_ADMIN_TOKEN)
+  inferwatch approve INCIDENT STEP --by alice                approve one (reject: the same with reject)
   inferwatch demo --duration 60                              everything on an embedded broker
 
 docs: README.md; metrics at http://HOST:9108/metrics (port: http.port or --http-port)
@@ -56,6 +60,10 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["logging.level"] = args.log_level
     if getattr(args, "log_format", None):
         out["logging.format"] = args.log_format
+    if getattr(args, "playbooks", None):
+        out["respond.playbooks"] = args.playbooks
+    if getattr(args, "dry_run", False):
+        out["respond.dry_run"] = True
     return out
 
 
@@ -97,11 +105,42 @@ def parser() -> argparse.ArgumentParser:
                      help="with --input: write detections as JSON lines here (default: stdout)")
     run.add_argument("--dead-letters", metavar="FILE",
                      help="with --input: write dead letters here (default: STATE_DIR/dead-letters.jsonl)")
-    run.add_argument("--stage", choices=["detect"], default="detect",
-                     help="which stage to run (the respond stage comes with playbooks)")
+    run.add_argument("--stage", choices=["all", "detect", "respond"], default="all",
+                     help="all (default): detect, and respond when respond.playbooks is set; detect: no "
+                          "playbooks; respond: only the playbooks, fed by the detections topic")
+    run.add_argument("-p", "--playbooks", metavar="DIR", help="override respond.playbooks (a directory of YAML)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="playbooks show the steps they would run and run none (respond.dry_run)")
 
-    check = sub.add_parser("check", help="validate a config file; exit 2 with the reason when invalid")
-    check.add_argument("-c", "--config", metavar="FILE", required=True, help="config file to check")
+    check = sub.add_parser("check", help="validate a config file and its playbooks; exit 2 with the reason "
+                                         "when invalid")
+    check.add_argument("-c", "--config", metavar="FILE", help="config file to check")
+    check.add_argument("-p", "--playbooks", metavar="DIR", help="playbooks to check (default: respond.playbooks)")
+
+    books = sub.add_parser("playbooks", help="work with playbooks offline (test against a detection)")
+    books_sub = books.add_subparsers(dest="playbooks_command", metavar="SUBCOMMAND")
+    test = books_sub.add_parser(
+        "test", help="show which playbooks match a detection and which steps would run",
+        description="Loads the playbooks as the daemon would (secrets not needed: shown as ***), matches the "
+                    "detection (a JSON object as in DESIGN §3, or a JSON line of the detections topic) and "
+                    "prints, per matching playbook, its dedup key and each step: would run, skipped (its when), "
+                    "awaits approval, with the parameters rendered. Nothing is sent or changed.")
+    test.add_argument("-p", "--playbooks", metavar="DIR", required=True, help="playbook directory or file")
+    test.add_argument("--detection", metavar="FILE.json", required=True, help="the detection (- for stdin)")
+
+    for name, text in (("pending", "list the playbook steps awaiting approval in a running daemon"),
+                       ("approve", "approve a step awaiting approval in a running daemon"),
+                       ("reject", "reject a step awaiting approval (the incident's remaining steps are aborted)")):
+        cmd = sub.add_parser(name, help=text, description=text + ", through its admin endpoint; the bearer "
+                             "token comes from the environment (INFERWATCH_ADMIN_TOKEN or --token-env).")
+        if name != "pending":
+            cmd.add_argument("incident", help="the incident id (inferwatch pending lists them)")
+            cmd.add_argument("step", help="the step id")
+            cmd.add_argument("--by", metavar="NAME", default=None, help="who decides (recorded in the journal)")
+        cmd.add_argument("--url", metavar="URL", default="http://127.0.0.1:9108",
+                         help="the daemon's HTTP address (default http://127.0.0.1:9108)")
+        cmd.add_argument("--token-env", metavar="VAR", default="INFERWATCH_ADMIN_TOKEN",
+                         help="environment variable holding the admin token (default INFERWATCH_ADMIN_TOKEN)")
 
     demo = sub.add_parser("demo", help="run the whole flow on an embedded broker with a real model's traffic",
                           description="Starts the embedded Kafka-protocol broker (unless --bootstrap is given), "
@@ -123,12 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command is None:
         parser().print_usage(sys.stderr)
-        print("inferwatch: error: a command is needed: run, check or demo (inferwatch --help explains them)",
-              file=sys.stderr)
+        print("inferwatch: error: a command is needed: run, check, demo, playbooks, pending, approve or "
+              "reject (inferwatch --help explains them)", file=sys.stderr)
         return 2
     try:
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "playbooks":
+            if args.playbooks_command != "test":
+                print("inferwatch: error: inferwatch playbooks test -p DIR --detection FILE.json", file=sys.stderr)
+                return 2
+            from monitor.respond.cli import cmd_playbooks_test
+
+            return cmd_playbooks_test(args)
+        if args.command in ("pending", "approve", "reject"):
+            from monitor.respond.cli import cmd_admin
+
+            return cmd_admin(args)
         if args.command == "run":
             return cmd_run(args)
         if args.command == "demo":
@@ -145,13 +195,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     from monitor.config import load_config
     from monitor.sources.kafka import missing_environment
 
-    config = load_config(args.config)
-    for key, name in missing_environment(config):
-        print(f"{args.config}: warning: $.kafka.security.{key} needs ${{{name}}}, which is not set here "
-              "(the daemon refuses to start without it)", file=sys.stderr)
-    detectors = ", ".join(config.detectors) or "none"
-    print(f"{args.config}: ok (watching {', '.join(config.models.watch)}; detectors: {detectors}; "
-          f"logs topic {config.kafka.topics.logs} on {','.join(config.kafka.bootstrap_servers)})")
+    if not args.config and not args.playbooks:
+        raise InferWatchError("check needs -c CONFIG, -p PLAYBOOKS or both")
+    config = load_config(args.config, overrides(args))
+    if args.config:
+        for key, name in missing_environment(config):
+            print(f"{args.config}: warning: $.kafka.security.{key} needs ${{{name}}}, which is not set here "
+                  "(the daemon refuses to start without it)", file=sys.stderr)
+        detectors = ", ".join(config.detectors) or "none"
+        print(f"{args.config}: ok (watching {', '.join(config.models.watch)}; detectors: {detectors}; "
+              f"logs topic {config.kafka.topics.logs} on {','.join(config.kafka.bootstrap_servers)})")
+    if config.respond.playbooks is not None:
+        from monitor.respond.cli import check_playbooks
+
+        check_playbooks(config.respond.playbooks, config.respond.dry_run)
     return 0
 
 
@@ -176,9 +233,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # A file run is a batch job: it serves HTTP and keeps detector state only when asked to
     # (--http-port, --state-dir), so it runs beside a daemon and gives the same result twice.
     file_run = bool(args.input)
+    if args.stage == "respond" and args.input:
+        raise InferWatchError("--stage respond reads the detections topic; --input feeds the detect stage")
     daemon = DetectDaemon(config, inputs=args.input, detections_out=detections_out, dead_letters_out=dead_letters,
                           http=not file_run or args.http_port is not None,
-                          checkpoints=not file_run or args.state_dir is not None)
+                          checkpoints=not file_run or args.state_dir is not None, stage=args.stage)
     daemon.install_signal_handlers()
     return daemon.run()
 

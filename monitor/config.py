@@ -147,6 +147,32 @@ class Logging(Base):
     format: Literal["json", "text"] = "json"
 
 
+class RespondKubernetes(Base):
+    # auto: the pod's service account when running in a cluster, else ~/.kube/config (or $KUBECONFIG)
+    mode: Literal["auto", "in_cluster", "kubeconfig"] = "auto"
+    kubeconfig: str | None = None
+    context: str | None = None
+
+
+class Respond(Base):
+    """Stage 2 (DESIGN §5): playbooks run on detections."""
+
+    # A directory of *.yaml (or one file), relative to the working directory; null: no respond stage.
+    playbooks: str | None = None
+    group_id: str = "inferwatch-respond"  # its own consumer group on the detections topic
+    dry_run: bool = False  # every playbook shows its steps and runs none
+    max_destructive_per_hour: PositiveInt = 10  # isolations, rollbacks, blocks: beyond it steps are refused
+    http_timeout: Duration = "10s"
+    outbox_max_age: Duration = "24h"  # a notification not delivered by then is given up (and logged)
+    workers: PositiveInt = 4
+    # The admin endpoints (/admin/pending, /admin/approve, ...) need "Authorization: Bearer <token>"
+    # with the token from this environment variable; without it they are off.
+    admin_token_env: str = "INFERWATCH_ADMIN_TOKEN"
+    kubernetes: RespondKubernetes = msgspec.field(default_factory=RespondKubernetes)
+    denylist_topic: str = "inferwatch.denylist"  # compacted; block_client writes its entries here
+    snapshot_events: PositiveInt = 1000  # events kept per model and per client for evidence snapshots
+
+
 class Config(Base):
     kafka: Kafka = msgspec.field(default_factory=Kafka)
     models: Models = msgspec.field(default_factory=Models)
@@ -158,6 +184,7 @@ class Config(Base):
     http: Http = msgspec.field(default_factory=Http)
     state: State = msgspec.field(default_factory=State)
     jobs: Jobs = msgspec.field(default_factory=Jobs)
+    respond: Respond = msgspec.field(default_factory=Respond)
     logging: Logging = msgspec.field(default_factory=Logging)
     source: str = "<defaults>"  # the file it came from, for messages; not a YAML key
 
@@ -276,6 +303,9 @@ def _check_semantics(config: Config) -> None:
     if _duration(where, "$.kafka.ack_timeout", config.kafka.ack_timeout) <= 0:
         raise ConfigError(f"{where}: $.kafka.ack_timeout: expected more than 0s")
     _check_jobs(config)
+    for key in ("http_timeout", "outbox_max_age"):
+        if _duration(where, f"$.respond.{key}", getattr(config.respond, key)) <= 0:
+            raise ConfigError(f"{where}: $.respond.{key}: expected more than 0s")
     if not config.kafka.bootstrap_servers:
         raise ConfigError(f"{where}: $.kafka.bootstrap_servers: expected at least one host:port")
     for i, server in enumerate(config.kafka.bootstrap_servers):
@@ -285,6 +315,11 @@ def _check_semantics(config: Config) -> None:
     topics = config.kafka.topics
     if len({topics.logs, topics.dead_letters, topics.detections}) != 3:
         raise ConfigError(f"{where}: $.kafka.topics: logs, dead_letters and detections must be three different topics")
+    if config.respond.denylist_topic in (topics.logs, topics.dead_letters, topics.detections):
+        raise ConfigError(f"{where}: $.respond.denylist_topic: must differ from the kafka.topics")
+    if config.respond.group_id == config.kafka.group_id:
+        raise ConfigError(f"{where}: $.respond.group_id: must differ from kafka.group_id (each stage is its own "
+                          "consumer group)")
     from monitor.sources.kafka import check_security_keys
 
     check_security_keys(config)

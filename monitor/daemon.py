@@ -53,8 +53,12 @@ def tune_garbage_collector() -> None:
 class DetectDaemon:
     def __init__(self, config: Config, *, inputs: Sequence[str] | None = None,
                  detections_out: Any = None, dead_letters_out: Path | None = None,
-                 http: bool = True, metrics: Metrics | None = None, checkpoints: bool = True):
+                 http: bool = True, metrics: Metrics | None = None, checkpoints: bool = True,
+                 stage: str = "all"):
         self.config = config
+        # all: detect and respond; detect: without playbooks; respond: playbooks on the detections topic
+        self.stage = stage
+        self.respond: Any = None
         self.metrics = metrics or Metrics()
         self.metrics.build.info({"version": __version__})
         self.inputs = list(inputs or [])
@@ -115,6 +119,16 @@ class DetectDaemon:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
+        def on_hangup(_signum: int, _frame: Any) -> None:
+            if self.respond is not None:
+                # Not in the signal handler itself: loading takes a while and logs.
+                threading.Thread(target=self.respond.responder.reload, name="playbook-reload", daemon=True).start()
+            else:
+                log.info("SIGHUP: no respond stage runs here, nothing to reload")
+
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, on_hangup)
+
     def stop(self) -> None:
         if self._stopped_at is None:
             self._stopped_at = time.monotonic()
@@ -125,10 +139,13 @@ class DetectDaemon:
             self.http.start()
             log.info("HTTP on %s:%d (/metrics, /healthz, /readyz)", self.config.http.host, self.http.port)
         tune_garbage_collector()
-        due = self._schedule()
+        due = self._schedule() if self.stage != "respond" else {}
+        self._start_respond()
         self.jobs.start()
         try:
-            if self.inputs:
+            if self.stage == "respond":
+                self._run_respond_only()
+            elif self.inputs:
                 self._run_files(due)
             else:
                 self._run_kafka(due)
@@ -137,6 +154,10 @@ class DetectDaemon:
             return 130
         finally:
             self.jobs.stop()
+            if self.respond is not None:
+                self.respond.stop()
+            if getattr(self, "_producer_for_actions", None) is not None:
+                self._producer_for_actions.close(timeout=5)
             if self.source is not None and hasattr(self.source, "close"):
                 self.source.close()
             if self.outputs is not None:
@@ -145,6 +166,40 @@ class DetectDaemon:
                 self.http.stop()
         log.info("stopped after %d events", self.processed)
         return 0
+
+    # -- respond stage -------------------------------------------------------------------------
+
+    def _start_respond(self) -> None:
+        if self.stage == "detect" or self.config.respond.playbooks is None:
+            if self.stage == "respond":
+                raise ConfigError(f"{self.config.source}: $.respond.playbooks: --stage respond needs a playbook "
+                                  "directory")
+            return
+        from monitor.respond.stage import RespondStage
+
+        self.respond = RespondStage(self.config, self.metrics, producer=self._denylist_producer)
+        self.respond.start(self.jobs)
+        if self.http:
+            self.respond.admin_routes(self.http)
+        if self.inputs:
+            self.listeners.append(self.respond.on_detection)
+        else:
+            self.respond.consume_in_background()
+
+    def _denylist_producer(self) -> Any:
+        """The Kafka producer block_client writes the denylist with (built when first needed)."""
+        if getattr(self, "_producer_for_actions", None) is None:
+            from monitor.sources.kafka import make_producer
+
+            self._producer_for_actions = make_producer(self.config)
+        return self._producer_for_actions
+
+    def _run_respond_only(self) -> None:
+        self._set_ready("waiting for the detections topic")
+        while not self.stopping.is_set():
+            self._last_loop = time.monotonic()
+            self._set_ready("ok" if self.respond.ready_reason == "ok" else self.respond.ready_reason)
+            self.stopping.wait(0.5)
 
     # -- scheduled jobs ------------------------------------------------------------------------
 
@@ -232,6 +287,10 @@ class DetectDaemon:
                 log.info("stopping before the end of the input")
                 break
         self._checkpoint("end of input")
+        if self.respond is not None:
+            # The input is read; let the playbooks' steps and notifications finish before stopping.
+            self.respond.responder.wait_idle(timeout=60)
+            self.respond.responder.deliver_due()
 
     # -- kafka ---------------------------------------------------------------------------------
 

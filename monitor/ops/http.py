@@ -8,7 +8,7 @@ import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -19,6 +19,9 @@ log = logging.getLogger("inferwatch.http")
 
 Response = tuple[int, str, bytes]
 Handler = Callable[[], Response]
+# A handler that sees the request: method, headers, body (the admin endpoints).
+RequestHandler = Callable[[str, Any, bytes], Response]
+MAX_BODY = 65536
 
 
 def json_response(status: int, body: object) -> Response:
@@ -33,21 +36,35 @@ class HttpServer:
             "/healthz": lambda: _probe(healthy),
             "/readyz": lambda: _probe(ready),
         }
-        routes = self.routes
+        self.request_routes: dict[str, RequestHandler] = {}
+        routes, request_routes = self.routes, self.request_routes
 
         class _Handler(BaseHTTPRequestHandler):
             server_version = "inferwatch"
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                handler = routes.get(self.path.split("?", 1)[0])
-                if handler is None:
-                    status, ctype, body = json_response(404, {"error": "not found", "paths": sorted(routes)})
-                else:
-                    try:
-                        status, ctype, body = handler()
-                    except Exception:
-                        log.exception("HTTP handler for %s failed", self.path)
-                        status, ctype, body = json_response(500, {"error": "internal error"})
+                self._answer("GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._answer("POST")
+
+            def _answer(self, method: str) -> None:
+                path = self.path.split("?", 1)[0]
+                try:
+                    if path in request_routes:
+                        length = int(self.headers.get("Content-Length") or 0)
+                        if length > MAX_BODY:
+                            status, ctype, body = json_response(413, {"error": "request body too large"})
+                        else:
+                            status, ctype, body = request_routes[path](method, self.headers, self.rfile.read(length))
+                    elif path in routes and method == "GET":
+                        status, ctype, body = routes[path]()
+                    else:
+                        status, ctype, body = json_response(
+                            404, {"error": "not found", "paths": sorted([*routes, *request_routes])})
+                except Exception:
+                    log.exception("HTTP handler for %s failed", path)
+                    status, ctype, body = json_response(500, {"error": "internal error"})
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -70,6 +87,10 @@ class HttpServer:
 
     def route(self, path: str, handler: Handler) -> None:
         self.routes[path] = handler
+
+    def route_any(self, path: str, handler: RequestHandler) -> None:
+        """A route whose handler sees the method, the headers and the body (GET and POST)."""
+        self.request_routes[path] = handler
 
     def start(self) -> "HttpServer":
         self.thread.start()

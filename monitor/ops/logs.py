@@ -26,6 +26,11 @@ def redact(value: object) -> None:
             _SECRETS.add(form)
 
 
+def scrub(text: str) -> str:
+    """``text`` with every registered secret shown as ***: for what is stored or shown, not only logged."""
+    return _scrub(text)
+
+
 def _scrub(text: str) -> str:
     for secret in sorted(_SECRETS, key=len, reverse=True):  # longest first: no partial leftovers
         if secret in text:

@@ -66,4 +66,22 @@ class Metrics:
             "gpu_utilization)", ["model", "target", "figure"], registry=r)
         self.checkpoint_seconds = Gauge(
             "inferwatch_checkpoint_duration_seconds", "Time the last state checkpoint took", registry=r)
+        # The respond stage (playbooks). Label values: playbook names and action names come from the
+        # loaded playbooks, states and outcomes from fixed lists.
+        self.respond_incidents = Counter(
+            "inferwatch_incidents", "Detections matched by a playbook, by outcome (opened, joined an open incident, "
+            "cooldown, limited by the playbook's run budget, resolved)", ["playbook", "outcome"], registry=r)
+        self.respond_steps = Counter(
+            "inferwatch_playbook_steps", "Playbook steps by the state they reached", ["action", "state"], registry=r)
+        self.respond_notifications = Counter(
+            "inferwatch_notifications", "Outbox deliveries (alerts and all-clears) by outcome (delivered, retried, "
+            "failed)", ["action", "outcome"], registry=r)
+        self.respond_playbook_reloads = Counter(
+            "inferwatch_playbook_reloads", "Playbook reloads (SIGHUP or a changed file), loaded or failed (the old "
+            "set kept)", ["outcome"], registry=r)
+        self.playbooks_loaded = Gauge("inferwatch_playbooks_loaded", "Playbooks in force", registry=r)
+        self.outbox_queued = Gauge(
+            "inferwatch_outbox_queued", "Notifications waiting in the outbox for delivery", registry=r)
+        self.approvals_pending = Gauge(
+            "inferwatch_approvals_pending", "Playbook steps waiting for an operator's approval", registry=r)
         self.build = Info("inferwatch_build", "Version of the running daemon", registry=r)

@@ -1,0 +1,1 @@
+"""Stage 2, respond: detections become incidents, incidents run playbooks (DESIGN §1, §5)."""

@@ -1,0 +1,251 @@
+"""Stage 2 in the daemon: the Responder fed from the detections topic (its own consumer group, so
+one replica owns a model's incidents: detections are keyed by model), or from the detect stage
+directly when the daemon reads files; its periodic work on the daemon's scheduler; its admin HTTP
+endpoints; hot reload of the playbooks on SIGHUP and on file change.
+
+Offsets of the detections topic are committed only after the detections are in the journal, so a
+crash redelivers them and the journal's record of handled detections makes that harmless.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from monitor.config import Config, seconds
+from monitor.detections import Detection
+from monitor.errors import ConfigError
+from monitor.ops.http import Response, json_response
+from monitor.respond import playbooks as pb
+from monitor.respond.actions.base import Services
+from monitor.respond.engine import Responder
+from monitor.respond.journal import Journal
+
+log = logging.getLogger("inferwatch.respond")
+
+TICK_SECONDS = 5.0  # quiet incidents closed, gauges refreshed
+RELOAD_CHECK_SECONDS = 10.0  # the playbook directory looked at for changed files
+
+
+def kubernetes_factory(config: Config) -> Any:
+    """A callable returning a kubernetes ApiClient built on first use, per ``respond.kubernetes``."""
+    settings = config.respond.kubernetes
+    built: list[Any] = []
+    lock = threading.Lock()
+
+    def client() -> Any:
+        with lock:
+            if built:
+                return built[0]
+            from kubernetes import client as k8s, config as k8s_config
+
+            mode = settings.mode
+            if mode == "auto":
+                mode = "in_cluster" if os.environ.get("KUBERNETES_SERVICE_HOST") else "kubeconfig"
+            try:
+                if mode == "in_cluster":
+                    k8s_config.load_incluster_config()
+                else:
+                    k8s_config.load_kube_config(config_file=settings.kubeconfig, context=settings.context)
+            except Exception as exc:  # noqa: BLE001 - the kubernetes loaders raise several types
+                from monitor.respond.actions.base import Final
+
+                raise Final(f"no Kubernetes connection ({mode}): {type(exc).__name__}: {exc}") from None
+            configuration = k8s.Configuration.get_default_copy()
+            # urllib3 would retry a 503 or 429 itself (4 requests, seconds blocked, measured): the
+            # engine's retry policy decides instead.
+            configuration.retries = False
+            built.append(k8s.ApiClient(configuration))
+            return built[0]
+
+    return client
+
+
+class RespondStage:
+    def __init__(self, config: Config, metrics: Any, *, events: Any = None, producer: Any = None):
+        self.config = config
+        self.metrics = metrics
+        respond = config.respond
+        state_dir = Path(config.state.dir)
+        self.journal = Journal(state_dir / "journal.sqlite")
+        services = Services(state_dir=state_dir, http_timeout=seconds(respond.http_timeout),
+                            kubernetes=kubernetes_factory(config), producer=producer, events=events,
+                            extras={"denylist_topic": respond.denylist_topic})
+        try:
+            self.responder = Responder(respond.playbooks, self.journal, services, dry_run=respond.dry_run,
+                                       max_destructive_per_hour=respond.max_destructive_per_hour,
+                                       outbox_max_age=seconds(respond.outbox_max_age), workers=respond.workers,
+                                       metrics=metrics)
+        except pb.PlaybookError as exc:
+            self.journal.close()
+            raise ConfigError(f"{config.source}: $.respond.playbooks: {exc}") from None
+        self.stopping = threading.Event()
+        self.consumer_thread: threading.Thread | None = None
+        self.ready_reason = "starting"
+        self.handled = 0
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self, jobs: Any) -> None:
+        self.responder.start()
+        jobs.run_every("respond_tick", TICK_SECONDS, self._tick)
+        jobs.run_every("playbook_reload_check", RELOAD_CHECK_SECONDS, self.responder.reload_if_changed)
+        names = ", ".join(b.name for b in self.responder.playbooks.playbooks) or "none"
+        mode = " (dry run)" if self.config.respond.dry_run else ""
+        log.info("respond stage: %d playbooks from %s%s: %s", len(self.responder.playbooks.playbooks),
+                 self.config.respond.playbooks, mode, names)
+
+    def _tick(self) -> None:
+        self.responder.tick()
+        try:
+            from monitor.respond.actions import block
+
+            block.expire(self.responder.services, self.responder.clock())
+        except ImportError:
+            pass
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.consumer_thread is not None:
+            self.consumer_thread.join(15)
+        self.responder.stop()
+        self.journal.close()
+
+    def on_detection(self, detection: Detection) -> None:
+        """The detect stage's listener when the daemon reads files (no detections topic)."""
+        self.responder.handle(msgspec.to_builtins(detection))
+
+    # ------------------------------------------------------------ Kafka
+
+    def consume_in_background(self) -> None:
+        self.consumer_thread = threading.Thread(target=self._consume, name="respond-consumer", daemon=True)
+        self.consumer_thread.start()
+
+    def _consume(self) -> None:
+        from kafka import KafkaConsumer
+        from kafka.errors import KafkaError
+
+        from monitor.sources.kafka import security_settings
+
+        kafka = self.config.kafka
+        delay = 1.0
+        consumer = None
+        while not self.stopping.is_set():
+            try:
+                if consumer is None:
+                    consumer = KafkaConsumer(
+                        kafka.topics.detections, bootstrap_servers=kafka.bootstrap_servers,
+                        group_id=self.config.respond.group_id, client_id=f"{kafka.client_id}-respond",
+                        enable_auto_commit=False, auto_offset_reset=kafka.auto_offset_reset,
+                        session_timeout_ms=kafka.session_timeout_ms, max_poll_interval_ms=kafka.max_poll_interval_ms,
+                        **security_settings(self.config))
+                    delay = 1.0
+                batches = consumer.poll(timeout_ms=500, max_records=500)
+                self.ready_reason = "ok"
+                if not batches:
+                    continue
+                for records in batches.values():
+                    for record in records:
+                        self._handle_raw(record.value, record)
+                consumer.commit()
+            except KafkaError as exc:
+                self.ready_reason = f"detections consumer: {type(exc).__name__}"
+                log.warning("respond: reading the detections topic failed (%s: %s); retrying in %.0f s",
+                            type(exc).__name__, exc, delay)
+                if consumer is not None:
+                    try:
+                        consumer.close(autocommit=False)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    consumer = None
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 30.0)
+            except Exception:
+                log.exception("respond: the detections consumer failed (a bug); restarting it")
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 30.0)
+        if consumer is not None:
+            try:
+                consumer.close(autocommit=False)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _handle_raw(self, raw: bytes | None, record: Any) -> None:
+        try:
+            detection = msgspec.json.decode(raw or b"null", type=Detection)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # Not ours to dead-letter (the detect stage wrote it); say where it is and go on.
+            log.error("respond: detection at %s[%d]@%d is not a valid detection (%s); skipped",
+                      record.topic, record.partition, record.offset, exc)
+            self.metrics.respond_incidents.labels(playbook="", outcome="invalid_detection").inc()
+            return
+        self.responder.handle(msgspec.to_builtins(detection))
+        self.handled += 1
+
+    # ------------------------------------------------------------ admin HTTP
+
+    def admin_routes(self, http: Any) -> None:
+        token_env = self.config.respond.admin_token_env
+
+        def authorized(headers: Any) -> Response | None:
+            token = os.environ.get(token_env, "")
+            if not token:
+                return json_response(503, {"error": f"the admin API is off: set {token_env} to a secret token"})
+            given = headers.get("Authorization", "")
+            expected = f"Bearer {token}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return json_response(401, {"error": "missing or wrong bearer token"})
+            return None
+
+        def pending(method: str, headers: Any, body: bytes) -> Response:
+            return authorized(headers) or json_response(200, {"pending": self.responder.pending()})
+
+        def incidents(method: str, headers: Any, body: bytes) -> Response:
+            denied = authorized(headers)
+            if denied:
+                return denied
+            rows = self.journal.incidents(limit=100)
+            for row in rows:
+                row["steps"] = [{k: s[k] for k in ("step_id", "action", "state", "attempts", "error", "decided_by")}
+                                for s in self.journal.steps(row["id"])]
+            return json_response(200, {"incidents": rows})
+
+        def decide(approve: bool) -> Any:
+            def handler(method: str, headers: Any, body: bytes) -> Response:
+                denied = authorized(headers)
+                if denied:
+                    return denied
+                if method != "POST":
+                    return json_response(405, {"error": "use POST"})
+                try:
+                    request = json.loads(body or b"{}")
+                    incident, step = str(request["incident"]), str(request["step"])
+                except (ValueError, KeyError, TypeError):
+                    return json_response(400, {"error": 'expected JSON {"incident": ID, "step": STEP, "by": NAME}'})
+                who = str(request.get("by") or "admin-api")[:100]
+                ok, message = self.responder.decide(incident, step, approve, who)
+                return json_response(200 if ok else 409, {"ok": ok, "message": message})
+            return handler
+
+        def reload(method: str, headers: Any, body: bytes) -> Response:
+            denied = authorized(headers)
+            if denied:
+                return denied
+            if method != "POST":
+                return json_response(405, {"error": "use POST"})
+            ok, message = self.responder.reload()
+            return json_response(200 if ok else 422, {"ok": ok, "message": message})
+
+        http.route_any("/admin/pending", pending)
+        http.route_any("/admin/incidents", incidents)
+        http.route_any("/admin/approve", decide(True))
+        http.route_any("/admin/reject", decide(False))
+        http.route_any("/admin/reload", reload)
+
