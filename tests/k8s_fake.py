@@ -63,6 +63,7 @@ class FakeKubernetes:
 
     def __post_init__(self) -> None:
         self._faults: list[_Fault] = []
+        self._holds: dict[tuple[str, str], threading.Event] = {}
         self._pending: dict[tuple[str, str], int] = {}  # Deployments changed and not yet observed -> reads
         self._version = 1000
         self._lock = threading.RLock()
@@ -190,6 +191,19 @@ class FakeKubernetes:
         """Answer ``method`` on ``plural`` with ``status`` (a Status object), ``times`` times or always."""
         with self._lock:
             self._faults.append(_Fault(method, plural, status, dict(headers or {}), times))
+
+    def hold(self, method: str, plural: str) -> threading.Event:
+        """Apply ``method`` on ``plural`` but keep its answer until the returned event is set (a client
+        killed meanwhile never learns that its write was done)."""
+        gate = threading.Event()
+        with self._lock:
+            self._holds[(method, plural)] = gate
+        return gate
+
+    def _held(self, method: str, target: str) -> threading.Event | None:
+        match = _PATH.match(urlsplit(target).path)
+        with self._lock:
+            return self._holds.get((method, match["plural"])) if match else None
 
     def writes(self) -> list[Request]:
         with self._lock:
@@ -355,6 +369,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         status, headers, body = self.server_fake.handle(self.command, self.path, self.headers, raw)
+        gate = self.server_fake._held(self.command, self.path)
+        if gate is not None:
+            gate.wait(60)
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

@@ -63,7 +63,8 @@ class Match(_Base, kw_only=True):
     kind: Strings | None = None
     severity: str | None = None
     model: Strings | None = None
-    client_id: Strings | None = None  # "*" asks for a detection that names a client
+    client_id: Strings | None = None  # globs; "*" asks for a detection that names a client
+    has_client: bool | None = None  # true: the detection names a client; false: it is about the model
     labels: dict[str, str] | None = None
 
 
@@ -196,6 +197,8 @@ def conditions_hold(match: Match, detection: dict[str, Any]) -> bool:
     if match.model is not None and not _any_glob(match.model, detection.get("model")):
         return False
     if match.client_id is not None and not _any_glob(match.client_id, detection.get("client_id")):
+        return False
+    if match.has_client is not None and bool(detection.get("client_id")) != match.has_client:
         return False
     if match.labels:
         have = detection.get("labels") or {}
