@@ -177,7 +177,13 @@ class DetectDaemon:
             return
         from monitor.respond.stage import RespondStage
 
-        self.respond = RespondStage(self.config, self.metrics, producer=self._denylist_producer)
+        events = None
+        if self.stage == "all":
+            from monitor.respond.ring import EventRing
+
+            events = EventRing(per_model=self.config.respond.snapshot_events)
+            self.pipeline.event_ring = events
+        self.respond = RespondStage(self.config, self.metrics, events=events, producer=self._denylist_producer)
         self.respond.start(self.jobs)
         if self.http:
             self.respond.admin_routes(self.http)

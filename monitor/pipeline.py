@@ -4,6 +4,8 @@ come detections and dead letters. No I/O here: the daemon and replay feed it and
 
 from __future__ import annotations
 
+import itertools
+
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
@@ -60,6 +62,8 @@ class Pipeline:
         self.decoder = EventDecoder(limits.max_features, limits.max_message_bytes, limits.max_string_chars)
         self.routes: dict[str, ModelRoute | None] = {}  # None: seen but not watched
         self._restored = restored or {}
+        # The respond stage's EventRing when it runs in this process: the raw events its snapshots keep.
+        self.event_ring: Any = None
         self.tracked = 0
         self._overflow = ModelRoute(OTHER_MODEL, [], OTHER_MODEL)
         self._warned_limit = False
@@ -116,6 +120,10 @@ class Pipeline:
         except Exception:
             log.exception("decoding a batch of %d messages failed; isolating the message", len(records))
             grouped, dead = self._decode_one_by_one(records)
+        if self.event_ring is not None:
+            for model, (events, recs) in grouped.items():
+                self.event_ring.add_many(itertools.repeat(model), [e.client_id for e in events],
+                                         [r.value for r in recs])
         return self._detect(grouped, dead)
 
     def _decode_one_by_one(self, records: list[RawRecord]) -> tuple[dict, list[DeadLetter]]:

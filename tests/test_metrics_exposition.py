@@ -62,7 +62,38 @@ def worked_metrics() -> Metrics:
     metrics.ready.set(1)
     metrics.publish_failures.inc()
     metrics.commit_failures.inc()
+    from tests.test_respond import detection
+
+    respond(metrics, [detection()])
     return metrics
+
+
+def respond(metrics: Metrics, detections: list[dict]) -> None:
+    """The respond stage's work: a playbook delivering to a real receiver, a reload that fails."""
+    import tempfile
+    from pathlib import Path
+
+    from monitor.respond.actions.base import Services
+    from monitor.respond.engine import Responder
+    from monitor.respond.journal import Journal
+    from tests.contract_servers import WebhookServer
+
+    hook = WebhookServer().start()
+    with tempfile.TemporaryDirectory() as tmp:
+        books = Path(tmp) / "books"
+        books.mkdir()
+        (books / "a.yaml").write_text(f"name: a\nmatch: {{}}\nsteps: [{{id: s, action: webhook, with: {{url: '{hook.url}'}}}}]\n")
+        responder = Responder(books, Journal(Path(tmp) / "j.sqlite"), Services(state_dir=Path(tmp)),
+                              metrics=metrics).start()
+        assert detections and all(responder.handle(d) for d in detections[:1])
+        assert responder.wait_idle()
+        responder.deliver_due()
+        (books / "a.yaml").write_text("name: a\nmatch: {}\nsteps: []\n")
+        responder.reload()  # fails: counted, the old set kept
+        responder.tick()
+        responder.stop()
+        responder.journal.close()
+    hook.stop()
 
 
 @pytest.fixture(scope="module")
