@@ -34,3 +34,6 @@ def test_demo_detects_the_injected_incidents_and_counts_the_malformed_messages(t
     letters = re.search(r"dead letters: (.*)", out).group(1)
     assert sum(int(n) for n in re.findall(r"\b(\d+)\b", letters)) == malformed
     assert "http://127.0.0.1:" in out and "/metrics" in out
+    # the shipped playbooks answered, in a dry run: the prober's incident, every step shown, none run
+    assert re.search(r"probing-response \[digits/mallory\] x\d+: tell dry_run, evidence dry_run, block dry_run", out), out
+    assert re.search(r"slow-release \[cancer/2024-12\] x\d+: page dry_run, alert dry_run, rollback dry_run", out), out

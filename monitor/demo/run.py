@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from monitor.config import load_config
@@ -44,6 +45,9 @@ class Console:
         level = self._c(colour + BOLD, d.severity.upper().ljust(8))
         self.say(f"{self._c(DIM, when)} {level} "
                  f"{d.model:<7} {d.kind:<18}{who} {d.summary}  [ATLAS {atlas}]")
+
+
+SHIPPED_PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -84,6 +88,10 @@ def run_demo(args: argparse.Namespace) -> int:
         "state.dir": state_dir,
         "logging.level": "WARNING",
         "logging.format": "text",
+        # The shipped playbooks, in a dry run: each incident's steps are shown, none is sent or done.
+        "respond.playbooks": str(SHIPPED_PLAYBOOKS) if SHIPPED_PLAYBOOKS.is_dir() else None,
+        "respond.dry_run": True,
+        "respond.group_id": f"inferwatch-demo-respond-{tag}",
     })
     try:
         daemon = DetectDaemon(config)
@@ -151,5 +159,23 @@ def _summary(daemon: Any, traffic: Any, console: Console) -> str:
              f"consumed {daemon.processed}",
              "dead letters: " + (", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) or "none"),
              "detections: " + (", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none")]
+    lines += _incidents(daemon)
     logging.getLogger("inferwatch.demo").debug("summary printed")
     return "\n".join(lines)
+
+
+def _incidents(daemon: Any) -> list[str]:
+    """The respond stage's incidents, read from its journal: playbook, key, and each step's state."""
+    if daemon.respond is None:
+        return ["incidents: no respond stage (no playbooks directory)"]
+    import sqlite3
+
+    with sqlite3.connect(daemon.respond.journal.path) as db:
+        rows = db.execute("SELECT id, playbook, key, detections FROM incidents ORDER BY opened_at").fetchall()
+        lines = [f"incidents ({daemon.config.respond.playbooks}, dry run): {len(rows)}"]
+        for incident_id, playbook, key, count in rows[:40]:
+            steps = db.execute("SELECT step_id, state FROM steps WHERE incident_id = ? ORDER BY position",
+                               (incident_id,)).fetchall()
+            shown = ", ".join(f"{step} {state}" for step, state in steps)
+            lines.append(f"  {playbook} [{key.split(':', 1)[-1]}] x{count}: {shown}")
+    return lines
