@@ -102,3 +102,57 @@ def test_killed_mid_playbook_and_restarted_nothing_duplicated_nothing_lost(
     finally:
         hook.stop()
         pagerduty.stop()
+
+
+@pytest.mark.slow
+def test_sighup_reloads_and_inferwatch_approve_runs_the_gated_step(
+        tmp_path: Path, broker: Broker, kubernetes: tuple[FakeKubernetes, Path], monkeypatch: pytest.MonkeyPatch,
+        daemons: list[Daemon]) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    fake, kubeconfig = kubernetes
+    hook = WebhookServer().start()
+    try:
+        books = tmp_path / "books"
+        books.mkdir()
+        (books / "a.yaml").write_text(f"name: first\nmatch: {{detector: drift}}\n"
+                                      f"steps: [{{id: s, action: webhook, with: {{url: '{hook.url}'}}}}]\n")
+        topics = broker.topics("approve")
+        monkeypatch.setenv("INFERWATCH_ADMIN_TOKEN", "adm1n-t0ken")
+        daemon = start(tmp_path, broker, topics, books, kubeconfig, monkeypatch, "daemon")
+        daemons.append(daemon)
+        daemon.wait_for(daemon.ready, what="ready")
+        (books / "a.yaml").write_text(textwrap.dedent(f"""\
+            name: gated
+            match: {{detector: probing}}
+            steps:
+              - {{id: note, action: webhook, with: {{url: "{hook.url}"}}}}
+              - {{id: isolate, action: k8s_isolate, approval: required, with: {{namespace: ml, deployment: fraud}}}}
+        """))
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for(lambda: "playbooks reloaded: gated" in daemon.log(), what="the reload")
+        broker.produce(topics["detections"], [json.dumps(detection(1)).encode()], [b"fraud-eu"])
+        daemon.wait_for(lambda: steps(tmp_path / "state").get("isolate") == "awaiting_approval", what="the gate")
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "monitor", *args, "--url", f"http://127.0.0.1:{daemon.port}"],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+        pending = cli("pending")
+        assert pending.returncode == 0 and " isolate (k8s_isolate, playbook gated" in pending.stdout
+        incident = pending.stdout.split()[0]
+        assert not [r for r in fake.requests if r.method == "POST"]  # nothing done before the approval
+        approved = cli("approve", incident, "isolate", "--by", "alice")
+        assert approved.returncode == 0, approved.stderr
+        daemon.wait_for(lambda: steps(tmp_path / "state").get("isolate") == "done", what="the isolation")
+        assert len([r for r in fake.requests if r.method == "POST"]) == 1
+        again = cli("approve", incident, "isolate")
+        assert again.returncode == 1 and "is done, not awaiting approval" in again.stderr
+        monkeypatch.setenv("INFERWATCH_ADMIN_TOKEN", "wrong")
+        assert "missing or wrong bearer token" in cli("pending").stderr
+        assert "adm1n-t0ken" not in daemon.log()
+    finally:
+        hook.stop()
