@@ -84,6 +84,8 @@ class ModelOverride(Base):
     model: str  # glob on the model name
     # detector name -> parameters replacing the defaults, or false to switch it off for these models
     detectors: dict[str, dict[str, Any] | bool] = msgspec.field(default_factory=dict)
+    # carried by these models' detections (team, tier, ...); playbooks match on them (match.labels)
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Models(Base):
@@ -192,6 +194,13 @@ class Config(Base):
         if any(fnmatch.fnmatchcase(model, glob) for glob in self.models.ignore):
             return False
         return any(fnmatch.fnmatchcase(model, glob) for glob in self.models.watch)
+
+    def model_labels(self, model: str) -> dict[str, str]:
+        """The labels of the first override matching ``model`` (as for detectors)."""
+        for override in self.models.overrides:
+            if fnmatch.fnmatchcase(model, override.model):
+                return dict(override.labels)
+        return {}
 
     def detector_params(self, model: str) -> dict[str, dict[str, Any]]:
         """The detectors that run on ``model`` and their parameters, overrides applied (first match wins)."""

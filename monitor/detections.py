@@ -42,6 +42,9 @@ class Detection(msgspec.Struct, kw_only=True, omit_defaults=False):
     atlas: list[str] = msgspec.field(default_factory=list)
     owasp: list[str] = msgspec.field(default_factory=list)
     source: dict[str, Any] | None = None
+    # The model's labels from the config (models.overrides[].labels: team, tier, ...), for routing
+    # detections to playbooks (match.labels).
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 def detection_id(detector: str, kind: str, model: str, client_id: str | None, window_start: float,

@@ -233,7 +233,7 @@ class Pipeline:
             m.last_event_ts.labels(route.label).set(batch_ts)
         for d in found_all:
             m.detections.labels(route.label, d.detector, d.kind, d.severity).inc()
-        result.detections.extend(found_all)
+        result.detections.extend(self._labelled(found_all))
         m.events.labels(route.label, "processed").inc(len(events))
         result.processed += len(events)
 
@@ -274,7 +274,13 @@ class Pipeline:
                 found.extend(observe(target, ts, figures))
         for d in found:
             self.metrics.detections.labels(route.label, d.detector, d.kind, d.severity).inc()
-        return found
+        return self._labelled(found)
+
+    def _labelled(self, detections: list[Detection]) -> list[Detection]:
+        for d in detections:
+            if not d.labels:
+                d.labels = self.config.model_labels(d.model)
+        return detections
 
     def _routes(self) -> list[ModelRoute]:
         return [r for r in self.routes.values() if r is not None and r.label != OTHER_MODEL]

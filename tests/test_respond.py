@@ -147,6 +147,13 @@ EXTRACTION = """\
     ("name: a\nmatch: {}\nsteps: [{id: s, action: pagerduty, on_failure: retry, with: {routing_key: k}}]\n",
      "playbook 'a': steps[0].on_failure: Invalid enum value 'retry'; expected one of abort, continue"),
     ("name: a\nmatch: {}\nsteps: []\n", "playbook 'a' steps: at least one step is needed"),
+    ("name: a\nmatch: {kind: []}\nsteps: [{id: s, action: snapshot}]\n",
+     "playbook 'a' match.kind: an empty list matches nothing"),
+    ("name: a\nmatch: {}\nlimits: {per: 0s}\nsteps: [{id: s, action: snapshot}]\n",
+     "playbook 'a' limits.per: expected at least 1s"),
+    ("name: a\nmatch: {}\nsteps: [{id: s, action: snapshot, approval: required, approval: none}]\n",
+     "book.yaml: not valid YAML: key 'approval' is given twice"),
+    ("name: 'a:b'\nmatch: {}\nsteps: [{id: s, action: snapshot}]\n", "book.yaml: name: expected letters, digits"),
 ])
 def test_invalid_playbooks_are_refused_naming_file_playbook_and_field(tmp_path: Path, text: str,
                                                                      expected: str) -> None:
@@ -469,3 +476,159 @@ def test_rejected_step_aborts_the_rest_and_closing_expires_a_pending_one(tmp_pat
     assert responder.resolve(second)
     assert responder.journal.step(second, "gate")["state"] == "expired"
     assert responder.pending() == []
+
+
+# ------------------------------------------------------------------ races, restarts, reloads
+
+
+@pytest.fixture
+def cluster() -> Iterator[Any]:
+    from kubernetes import client as k8s
+
+    from tests.k8s_fake import FakeKubernetes
+
+    fake = FakeKubernetes().start()
+    fake.add_deployment("ml", "fraud-eu", match_labels={"app": "fraud-eu"})
+    fake.api = lambda: k8s.ApiClient(k8s.Configuration(host=fake.url))
+    yield fake
+    fake.stop()
+
+
+def cluster_responder(tmp_path: Path, books: Path, cluster: Any, **kwargs: Any) -> Responder:
+    services = Services(state_dir=tmp_path / "state", kubernetes=cluster.api)
+    return Responder(books, Journal(tmp_path / "state" / "journal.sqlite"), services, metrics=Metrics(), **kwargs)
+
+
+ISOLATE_THEN_HOOK = """\
+    name: cut
+    match: {}
+    dedup: {key: "{{ model }}"}
+    steps:
+      - {id: isolate, action: k8s_isolate, APPROVAL with: {namespace: ml, deployment: "{{ model }}"}}
+      - {id: after, action: webhook, with: {url: "HOOK"}}
+"""
+
+
+def test_closing_an_incident_stops_its_playbook_between_steps(tmp_path: Path, cluster: Any,
+                                                              hook: WebhookServer) -> None:
+    books = write_playbooks(tmp_path / "books", ISOLATE_THEN_HOOK.replace("APPROVAL ", "").replace("HOOK", hook.url))
+    responder = cluster_responder(tmp_path, books, cluster).start()
+    try:
+        gate = cluster.hold("POST", "networkpolicies")
+        [incident] = responder.handle(detection())
+        wait_for(lambda: any(r.method == "POST" for r in cluster.requests), what="the isolation under way")
+        assert responder.resolve(incident)  # while the isolation is in flight
+        gate.set()
+        assert responder.wait_idle()
+        states = {s["step_id"]: s["state"] for s in responder.journal.steps(incident)}
+        assert states == {"isolate": "done", "after": "expired"}  # what happened is recorded; nothing after
+        responder.deliver_due()
+        assert hook.requests == []
+    finally:
+        responder.stop()
+        responder.journal.close()
+
+
+def test_an_approval_given_just_before_a_crash_is_not_lost(tmp_path: Path, cluster: Any,
+                                                           hook: WebhookServer) -> None:
+    books = write_playbooks(tmp_path / "books", ISOLATE_THEN_HOOK.replace("APPROVAL", "approval: required,")
+                            .replace("HOOK", hook.url))
+    first = cluster_responder(tmp_path, books, cluster).start()
+    [incident] = first.handle(detection())
+    wait_for(lambda: first.journal.step(incident, "isolate")["state"] == "awaiting_approval", what="the gate")
+    first.stop()  # the workers are gone: the approval below is recorded and nobody acts on it
+    assert first.decide(incident, "isolate", approve=True, who="alice")[0]
+    first.journal.close()
+    second = cluster_responder(tmp_path, books, cluster).start()
+    try:
+        wait_for(lambda: second.journal.step(incident, "isolate")["state"] == "done", what="the approved step")
+        assert second.journal.step(incident, "isolate")["decided_by"] == "alice"
+    finally:
+        second.stop()
+        second.journal.close()
+
+
+def test_a_step_changed_by_a_reload_before_a_restart_is_not_run_on_an_old_approval(
+        tmp_path: Path, cluster: Any, hook: WebhookServer) -> None:
+    books = write_playbooks(tmp_path / "books", ISOLATE_THEN_HOOK.replace("APPROVAL", "approval: required,")
+                            .replace("HOOK", hook.url))
+    first = cluster_responder(tmp_path, books, cluster).start()
+    [incident] = first.handle(detection())
+    wait_for(lambda: first.journal.step(incident, "isolate")["state"] == "awaiting_approval", what="the gate")
+    first.stop()
+    first.journal.close()
+    text = (books / "book.yaml").read_text().replace("k8s_isolate,", "k8s_rollback,")
+    (books / "book.yaml").write_text(text)
+    second = cluster_responder(tmp_path, books, cluster).start()
+    try:
+        assert second.decide(incident, "isolate", approve=True, who="alice")[0]
+        assert second.wait_idle()
+        step = second.journal.step(incident, "isolate")
+        assert step["state"] == "failed" and "the playbook changed or was removed" in step["error"]
+        assert second.journal.step(incident, "after")["state"] == "aborted"
+        assert not [r for r in cluster.requests if r.method != "GET"]
+    finally:
+        second.stop()
+        second.journal.close()
+
+
+def test_a_dry_run_switched_on_at_a_restart_holds_open_incidents(tmp_path: Path, cluster: Any,
+                                                                 hook: WebhookServer) -> None:
+    books = write_playbooks(tmp_path / "books", ISOLATE_THEN_HOOK.replace("APPROVAL", "approval: required,")
+                            .replace("HOOK", hook.url))
+    first = cluster_responder(tmp_path, books, cluster).start()
+    [incident] = first.handle(detection())
+    wait_for(lambda: first.journal.step(incident, "isolate")["state"] == "awaiting_approval", what="the gate")
+    first.stop()
+    first.journal.close()
+    second = cluster_responder(tmp_path, books, cluster, dry_run=True).start()
+    try:
+        assert second.decide(incident, "isolate", approve=True, who="alice")[0]
+        assert second.wait_idle()
+        second.deliver_due()
+        assert [s["state"] for s in second.journal.steps(incident)] == ["dry_run", "dry_run"]
+        assert not [r for r in cluster.requests if r.method != "GET"] and hook.requests == []
+    finally:
+        second.stop()
+        second.journal.close()
+
+
+def test_a_playbook_failing_on_one_detection_does_not_stop_the_others(tmp_path: Path, hook: WebhookServer,
+                                                                      make_responder: Any) -> None:
+    books = write_playbooks(tmp_path / "books", f"""\
+        name: by-client
+        match: {{}}
+        dedup: {{key: "{{{{ client_id.upper() }}}}"}}
+        steps: [{{id: s, action: webhook, with: {{url: "{hook.url}"}}}}]
+        ---
+        name: by-model
+        match: {{}}
+        dedup: {{key: "{{{{ model }}}}"}}
+        steps: [{{id: s, action: webhook, with: {{url: "{hook.url}"}}}}]
+    """)
+    metrics = Metrics()
+    responder = make_responder(books, metrics=metrics)
+    opened = responder.handle(detection(client_id=None))  # the first key cannot render without a client
+    assert len(opened) == 1 and responder.journal.incident(opened[0])["playbook"] == "by-model"
+    assert metrics.respond_incidents.labels(playbook="by-client", outcome="error")._value.get() == 1
+    assert responder.handle(detection(client_id=None)) == []  # handled: not retried forever
+
+
+def test_the_destructive_budget_holds_under_concurrent_workers(tmp_path: Path, cluster: Any) -> None:
+    for n in range(6):
+        cluster.add_deployment("ml", f"m{n}", match_labels={"app": f"m{n}"})
+    books = write_playbooks(tmp_path / "books", """\
+        name: cut
+        match: {}
+        dedup: {key: "{{ model }}"}
+        steps: [{id: isolate, action: k8s_isolate, with: {namespace: ml, deployment: "{{ model }}"}}]
+    """)
+    responder = cluster_responder(tmp_path, books, cluster, max_destructive_per_hour=1, workers=4).start()
+    try:
+        for n in range(6):
+            responder.handle(detection(n, model=f"m{n}"))
+        assert responder.wait_idle()
+        assert len([r for r in cluster.requests if r.method == "POST"]) == 1
+    finally:
+        responder.stop()
+        responder.journal.close()

@@ -176,3 +176,25 @@ def test_destructive_steps_beyond_the_hourly_budget_are_refused(tmp_path: Path) 
             responder.journal.close()
     finally:
         fake.stop()
+
+
+def test_model_labels_from_the_config_reach_the_playbooks(tmp_path: Path, hook: WebhookServer) -> None:
+    import yaml
+
+    books = write_playbooks(tmp_path / "books", f"""\
+        name: payments-team
+        match: {{labels: {{team: pay*}}}}
+        steps: [{{id: tell, action: webhook, with: {{url: "{hook.url}"}}}}]
+    """)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"models": {"overrides": [{"model": "fraud", "labels": {"team": "payments"}}]},
+                                      "detectors": {"drift": {}}}))
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(jsonl(confidence_drop()))
+    result = inferwatch("run", "-c", str(config), "--input", str(events), "--output", str(tmp_path / "d.jsonl"),
+                        "-p", str(books), state=tmp_path / "state")
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    found = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert found and found[0]["labels"] == {"team": "payments"}
+    assert len(hook.requests) == 1
+    assert json.loads(hook.requests[0]["body"])["detection"]["labels"] == {"team": "payments"}

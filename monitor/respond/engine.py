@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -62,13 +63,21 @@ class Responder:
         self.clock = clock
         self.services.now = clock
         self.playbooks = pb.load(self.playbook_dir, require_env=require_env, dry_run=dry_run)
+        # Every step version loaded in this process, by (playbook, step id, digest): an incident runs
+        # the steps it opened with, even after a reload changed or removed them.
+        self._versions: dict[tuple[str, str, str], pb.CompiledStep] = {}
+        self._books: dict[str, pb.Playbook] = {}  # the newest version of every playbook loaded
+        self._remember(self.playbooks)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
+        self._scheduled = 0  # incidents queued or being advanced (idle when 0)
+        self._deliver_lock = threading.Lock()  # one delivery pass at a time: an entry is sent once
         self._stopping = threading.Event()
         self._wake_outbox = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers = workers
+        self._failed_files = pb.PlaybookSet()
         self._count_loaded()
 
     # ------------------------------------------------------------ life cycle
@@ -92,12 +101,12 @@ class Responder:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        self._threads.clear()
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
 
     def idle(self) -> bool:
         """No incident waiting for or in a worker (tests, replays and the file mode wait for this)."""
         with self._busy_lock:
-            return self._queue.empty() and not self._busy
+            return self._scheduled == 0
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -122,6 +131,7 @@ class Responder:
             self._count("playbook_reloads", outcome="failed")
             return False, str(exc)
         self.playbooks = fresh
+        self._remember(fresh)
         self._count("playbook_reloads", outcome="loaded")
         self._count_loaded()
         names = ", ".join(b.name for b in fresh.playbooks) or "none"
@@ -129,47 +139,69 @@ class Responder:
         return True, f"{len(fresh.playbooks)} playbooks: {names}"
 
     def reload_if_changed(self) -> None:
-        if pb.changed(self.playbook_dir, self.playbooks):
-            self.reload()
+        if pb.changed(self.playbook_dir, self.playbooks) and pb.changed(self.playbook_dir, self._failed_files):
+            ok, _ = self.reload()
+            # A broken file is reported once, not every check, until it changes again.
+            self._failed_files = pb.PlaybookSet([], pb.file_times(self.playbook_dir)) if not ok else pb.PlaybookSet()
+
+    def _remember(self, books: pb.PlaybookSet) -> None:
+        for book in books.playbooks:
+            self._books[book.name] = book
+            for step in book.steps:
+                self._versions[(book.name, step.id, step.digest)] = step
 
     # ------------------------------------------------------------ detections
 
     def handle(self, detection: dict[str, Any]) -> list[str]:
-        """Match, deduplicate and record one detection; the incident ids it opened or joined."""
+        """Match, deduplicate and record one detection; the incident ids it opened or joined.
+
+        A playbook that fails on this detection (its dedup key does not render for it) is logged and
+        counted, and the others still run; a journal error (disk full) propagates, so the caller does
+        not commit the detection's offset."""
         touched = []
-        now = self.clock()
         for book in self.playbooks.matching(detection):
-            detection_id = str(detection.get("detection_id"))
-            if self.journal.seen(detection_id, book.name):
-                continue  # redelivered after a crash, or replayed: already handled
-            key = book.dedup_key(pb.template_context(detection, playbook=book.name))
-            current = self.journal.open_incident_for(key)
-            if current is not None:
-                self.journal.join(current["id"], detection_id, book.name, float(detection.get("ts") or now), now)
-                self._count("incidents", playbook=book.name, outcome="joined")
-                touched.append(current["id"])
-                continue
-            last = self.journal.last_incident_for(key)
-            if last is not None and now - last["opened_at"] < book.cooldown:
-                self.journal.mark_seen(detection_id, book.name, now, last["id"])
-                self._count("incidents", playbook=book.name, outcome="cooldown")
-                continue
-            incident_id = _incident_id(book.name, key, detection_id)
-            limited = self.journal.runs_since(book.name, now - book.limit_window) >= book.spec.limits.max_runs
-            steps = [(s.id, s.spec.action, type(s.action).destructive) for s in book.steps]
-            self.journal.open(incident_id, book.name, key, detection, self.dry_run or book.spec.dry_run, steps, now,
-                              state="limited" if limited else "open")
-            if limited:
-                log.warning("playbook %s is over its budget of %d runs per %g s: incident %s recorded, not run",
-                            book.name, book.spec.limits.max_runs, book.limit_window, incident_id)
-                self._count("incidents", playbook=book.name, outcome="limited")
-                continue
-            log.info("incident %s opened by playbook %s (key %s)", incident_id, book.name, key,
-                     extra={"incident": incident_id, "playbook": book.name})
-            self._count("incidents", playbook=book.name, outcome="opened")
-            touched.append(incident_id)
-            self._schedule(incident_id)
+            try:
+                touched.extend(self._handle_one(book, detection))
+            except sqlite3.Error:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a template failing on this detection
+                log.error("playbook %s cannot handle detection %s: %s", book.name, detection.get("detection_id"),
+                          logs.scrub(f"{type(exc).__name__}: {exc}"))
+                self._count("incidents", playbook=book.name, outcome="error")
+                self.journal.mark_seen(str(detection.get("detection_id")), book.name, self.clock())
         return touched
+
+    def _handle_one(self, book: pb.Playbook, detection: dict[str, Any]) -> list[str]:
+        now = self.clock()
+        detection_id = str(detection.get("detection_id"))
+        if self.journal.seen(detection_id, book.name):
+            return []  # redelivered after a crash, or replayed: already handled
+        key = book.dedup_key(pb.template_context(detection, playbook=book.name))
+        current = self.journal.open_incident_for(key)
+        if current is not None and self.journal.join(current["id"], detection_id, book.name,
+                                                     float(detection.get("ts") or now), now):
+            self._count("incidents", playbook=book.name, outcome="joined")
+            return [current["id"]]
+        last = self.journal.last_resolved_for(key)
+        if last is not None and now - last["resolved_at"] < book.cooldown:
+            self.journal.mark_seen(detection_id, book.name, now, last["id"])
+            self._count("incidents", playbook=book.name, outcome="cooldown")
+            return []
+        incident_id = _incident_id(book.name, key, detection_id)
+        limited = self.journal.runs_since(book.name, now - book.limit_window) >= book.spec.limits.max_runs
+        steps = [(s.id, s.spec.action, type(s.action).destructive, s.digest) for s in book.steps]
+        self.journal.open(incident_id, book.name, key, detection, self.dry_run or book.spec.dry_run, steps, now,
+                          state="limited" if limited else "open")
+        if limited:
+            log.warning("playbook %s is over its budget of %d runs per %g s: incident %s recorded, not run",
+                        book.name, book.spec.limits.max_runs, book.limit_window, incident_id)
+            self._count("incidents", playbook=book.name, outcome="limited")
+            return []
+        log.info("incident %s opened by playbook %s (key %s)", incident_id, book.name, key,
+                 extra={"incident": incident_id, "playbook": book.name})
+        self._count("incidents", playbook=book.name, outcome="opened")
+        self._schedule(incident_id)
+        return [incident_id]
 
     # ------------------------------------------------------------ operators
 
@@ -206,10 +238,16 @@ class Responder:
     def tick(self) -> None:
         """Close quiet incidents; the scheduler calls this every few seconds."""
         now = self.clock()
-        for book in self.playbooks.playbooks:
+        for book in list(self._books.values()):
             for row in self.journal.quiet_incidents(book.name, now - book.resolve_after):
                 if self.journal.resolve(row["id"], f"quiet for {book.resolve_after:g} s", now):
                     self._after_resolve(row["id"], "quiet")
+        for name in self.journal.open_playbooks():
+            if name not in self._books:  # removed before a restart: nothing left to run its steps with
+                for row in self.journal.quiet_incidents(name, now):
+                    if self.journal.resolve(row["id"], "its playbook is no longer loaded", now):
+                        log.warning("incident %s closed: playbook %s is no longer loaded (no all-clear sent)",
+                                    row["id"], name)
         if self.metrics is not None:
             counts = self.journal.counts()
             self.metrics.outbox_queued.set(counts.get("queued", 0))
@@ -217,21 +255,26 @@ class Responder:
 
     def _after_resolve(self, incident_id: str, why: str) -> None:
         incident = self.journal.incident(incident_id)
-        book = self.playbooks.get(incident["playbook"]) if incident else None
         log.info("incident %s resolved (%s)", incident_id, why, extra={"incident": incident_id})
         self._count("incidents", playbook=incident["playbook"] if incident else "", outcome="resolved")
-        if incident is None or book is None or incident["dry_run"]:
+        if incident is None or incident["dry_run"] or self.dry_run:
+            return
+        book = self._books.get(incident["playbook"])
+        if book is not None and not book.spec.resolve.notify:
             return
         sent = {row["step_id"] for row in self.journal.outbox(incident_id) if row["purpose"] == "run"
                 and row["state"] != "failed"}
-        for step in book.steps:
-            if step.id in sent and type(step.action).notifies:
+        for step_row in self.journal.steps(incident_id):
+            step = self._step(incident["playbook"], step_row)
+            if step_row["step_id"] in sent and step is not None and type(step.action).notifies:
                 self.journal.enqueue(incident_id, step.id, "resolve", self.clock())
         self._wake_outbox.set()
 
     # ------------------------------------------------------------ running steps
 
     def _schedule(self, incident_id: str) -> None:
+        with self._busy_lock:
+            self._scheduled += 1
         self._queue.put(incident_id)
 
     def _work(self) -> None:
@@ -240,11 +283,18 @@ class Responder:
             if incident_id is None:
                 return
             with self._busy_lock:
-                if incident_id in self._busy:  # another worker has it; it re-reads the journal when done
-                    self._queue.put(incident_id) if not self._stopping.is_set() else None
+                if incident_id in self._busy:  # another worker has it: come back to it after
+                    requeue = not self._stopping.is_set()
+                    if not requeue:
+                        self._scheduled -= 1
+                else:
+                    self._busy.add(incident_id)
+                    requeue = None
+            if requeue is not None:
+                if requeue:
+                    self._queue.put(incident_id)
                     time.sleep(0.01)
-                    continue
-                self._busy.add(incident_id)
+                continue
             try:
                 self._advance(incident_id)
             except Exception:
@@ -252,6 +302,7 @@ class Responder:
             finally:
                 with self._busy_lock:
                     self._busy.discard(incident_id)
+                    self._scheduled -= 1
 
     def _incident(self, row: dict[str, Any]) -> Incident:
         return Incident(id=row["id"], playbook=row["playbook"], key=row["key"], opened_at=row["opened_at"],
@@ -262,78 +313,89 @@ class Responder:
                                                       "opened_at": row["opened_at"], "detections": row["detections"]},
                                    row["playbook"])
 
-    def _advance(self, incident_id: str) -> None:
-        row = self.journal.incident(incident_id)
-        if row is None or row["state"] != "open":
-            return
-        book = self.playbooks.get(row["playbook"])
-        if book is None:
-            log.error("incident %s: playbook %s is no longer loaded; its remaining steps are aborted",
-                      incident_id, row["playbook"])
-            self._abort_rest(incident_id, "playbook no longer loaded")
-            return
-        by_id = {s.id: s for s in book.steps}
-        context = self._context(row)
-        for step_row in self.journal.steps(incident_id):
-            if self._stopping.is_set():
-                return
-            state, step = step_row["state"], by_id.get(step_row["step_id"])
-            if state in DONE_STATES or state in ("refused", "failed", "rejected", "aborted", "expired",
-                                                 "undelivered"):
-                if state in ("refused", "failed") and self._aborts(step):
-                    return
-                continue
-            if state == "awaiting_approval":
-                return
-            if step is None:
-                self.journal.set_step(incident_id, step_row["step_id"], "aborted",
-                                      error="step no longer in the playbook", now=self.clock())
-                continue
-            if not self._run_step(row, step, step_row, context):
-                return
+    def _step(self, playbook: str, step_row: dict[str, Any]) -> pb.CompiledStep | None:
+        """The step as it was when the incident opened (any version loaded in this process); None
+        when that version is gone (changed or removed before a restart)."""
+        digest = step_row.get("spec_hash")
+        if digest is None:  # a journal from before steps were pinned
+            book = self.playbooks.get(playbook)
+            return next((s for s in book.steps if s.id == step_row["step_id"]), None) if book else None
+        return self._versions.get((playbook, step_row["step_id"], digest))
 
-    def _aborts(self, step: pb.CompiledStep | None) -> bool:
-        return step is None or step.spec.on_failure == "abort"
+    def _dry(self, row: dict[str, Any]) -> bool:
+        """Dry now: the incident opened dry, or the global or the playbook's dry run is on now."""
+        book = self.playbooks.get(row["playbook"])
+        return bool(row["dry_run"] or self.dry_run or (book is not None and book.spec.dry_run))
+
+    def _advance(self, incident_id: str) -> None:
+        while not self._stopping.is_set():
+            row = self.journal.incident(incident_id)
+            if row is None or row["state"] != "open":
+                return
+            context = self._context(row)
+            for step_row in self.journal.steps(incident_id):
+                state = step_row["state"]
+                if state in DONE_STATES or state in ("rejected", "aborted", "expired", "undelivered"):
+                    continue
+                if state in ("refused", "failed"):
+                    step = self._step(row["playbook"], step_row)
+                    if step is None or step.spec.on_failure == "abort":
+                        return
+                    continue
+                if state == "awaiting_approval":
+                    return
+                step = self._step(row["playbook"], step_row)
+                if step is None:
+                    message = ("the playbook changed or was removed since the incident opened; the step is not run "
+                               "(it may differ from what was shown or approved)")
+                    self.journal.set_step(incident_id, step_row["step_id"], "failed", error=message,
+                                          now=self.clock(), expect=(state,))
+                    log.error("incident %s step %s: %s", incident_id, step_row["step_id"], message)
+                    self._abort_rest(incident_id, f"step {step_row['step_id']} could not run")
+                    return
+                if not self._run_step(row, step, step_row, context):
+                    return
+                break  # re-read the incident and its steps: another thread may have moved them
+            else:
+                return
 
     def _run_step(self, row: dict[str, Any], step: pb.CompiledStep, step_row: dict[str, Any],
                   context: dict[str, Any]) -> bool:
-        """Take one step as far as it goes now; False when the incident must stop here."""
+        """Take one step as far as it goes now; False when the incident must stop here (a gate, a
+        failure that aborts, the incident closed or the step moved by another thread)."""
         incident_id, now = row["id"], self.clock()
         action = step.action
         destructive, notifies = type(action).destructive, type(action).notifies
         state = step_row["state"]
         if state == "pending":
             if not step.applies(row["detection"]):
-                self.journal.set_step(incident_id, step.id, "skipped", now=now)
                 self._count("steps", action=step.spec.action, state="skipped")
-                return True
-            if row["dry_run"]:
+                return self.journal.set_step(incident_id, step.id, "skipped", now=now, expect=("pending",),
+                                             open_only=True)
+            if self._dry(row):
                 shown = self._shown(step, context)
-                self.journal.set_step(incident_id, step.id, "dry_run", detail=shown, now=now)
+                if not self.journal.set_step(incident_id, step.id, "dry_run", detail=shown, now=now,
+                                             expect=("pending",), open_only=True):
+                    return False
                 log.info("dry run: incident %s step %s would run %s", incident_id, step.id, step.spec.action,
                          extra={"incident": incident_id, "step": step.id, "params": shown})
                 self._count("steps", action=step.spec.action, state="dry_run")
                 return True
             if step.spec.approval == "required":
-                self.journal.set_step(incident_id, step.id, "awaiting_approval", started=True, now=now,
-                                      detail=self._shown(step, context))
-                log.warning("incident %s: step %s (%s) awaits approval: inferwatch approve %s %s", incident_id,
-                            step.id, step.spec.action, incident_id, step.id,
-                            extra={"incident": incident_id, "step": step.id})
-                self._count("steps", action=step.spec.action, state="awaiting_approval")
+                if self.journal.set_step(incident_id, step.id, "awaiting_approval", started=True, now=now,
+                                         detail=self._shown(step, context), expect=("pending",), open_only=True):
+                    log.warning("incident %s: step %s (%s) awaits approval: inferwatch approve %s %s", incident_id,
+                                step.id, step.spec.action, incident_id, step.id,
+                                extra={"incident": incident_id, "step": step.id})
+                    self._count("steps", action=step.spec.action, state="awaiting_approval")
                 return False
-        if destructive and state in ("pending", "approved"):
-            used = self.journal.destructive_since(now - 3600)
-            if used >= self.max_destructive_per_hour:
-                message = (f"refused: {used} destructive actions in the last hour reach the budget "
-                           f"(respond.max_destructive_per_hour: {self.max_destructive_per_hour})")
-                self.journal.set_step(incident_id, step.id, "refused", error=message, now=now)
-                log.error("incident %s step %s %s", incident_id, step.id, message)
-                self._count("steps", action=step.spec.action, state="refused")
-                return not self._fail(incident_id, step)
+        elif state == "approved" and self._dry(row):
+            # A dry run switched on after the approval: show, do not act.
+            return self.journal.set_step(incident_id, step.id, "dry_run", detail=self._shown(step, context), now=now,
+                                         expect=("approved",), open_only=True)
         if notifies:
-            self.journal.enqueue(incident_id, step.id, "run", now)
-            self.journal.set_step(incident_id, step.id, "queued", now=now, started=True)
+            if not self.journal.queue_notification(incident_id, step.id, (state,), now):
+                return False
             self._wake_outbox.set()
             self._count("steps", action=step.spec.action, state="queued")
             return True
@@ -341,7 +403,7 @@ class Responder:
         try:
             params = step.render(context)
         except Exception as exc:  # noqa: BLE001 - a template failing on this detection, a missing variable
-            return self._finish_failed(incident_id, step, f"parameters: {logs.scrub(str(exc))}")
+            return self._finish_failed(incident_id, step, f"parameters: {logs.scrub(str(exc))}", expect=(state,))
         if state == "running":  # interrupted by a crash: read the world before acting again
             if destructive:
                 try:
@@ -352,14 +414,25 @@ class Responder:
                                 step.id, logs.scrub(str(exc)))
                 if found is not None:
                     self.journal.set_step(incident_id, step.id, "done", detail={**found, "reconciled": True},
-                                          now=self.clock())
+                                          now=self.clock(), expect=("running",))
                     log.info("incident %s step %s: found done after a restart", incident_id, step.id)
                     self._count("steps", action=step.spec.action, state="done")
                     return True
-        else:
-            if destructive:
-                self.journal.count_destructive(now)
-        self.journal.set_step(incident_id, step.id, "running", started=True, now=now)
+        elif destructive:
+            used = self.journal.take_destructive(now, self.max_destructive_per_hour)
+            if used is not None:
+                message = (f"refused: {used} destructive actions in the last hour reach the budget "
+                           f"(respond.max_destructive_per_hour: {self.max_destructive_per_hour})")
+                if not self.journal.set_step(incident_id, step.id, "refused", error=message, now=now,
+                                             expect=(state,), open_only=True):
+                    return False
+                log.error("incident %s step %s %s", incident_id, step.id, message)
+                self._count("steps", action=step.spec.action, state="refused")
+                return not self._fail(incident_id, step)
+        # From here the step acts: only while the incident is open and nobody else moved the step.
+        if not self.journal.set_step(incident_id, step.id, "running", started=True, now=now, expect=(state,),
+                                     open_only=True):
+            return False
         error = ""
         for attempt in range(1, STEP_RETRIES + 1):
             self.journal.set_step(incident_id, step.id, "running", attempt=True, now=self.clock())
@@ -367,12 +440,15 @@ class Responder:
                 detail = action.run(params, incident, self.services)
             except Transient as exc:
                 error = logs.scrub(str(exc))
-                if attempt < STEP_RETRIES and not self._stopping.is_set():
+                if self._stopping.is_set():
+                    return False  # left running: reconciled (destructive) or run again after the restart
+                if attempt < STEP_RETRIES:
                     wait = min(STEP_RETRY_CAP, exc.retry_after if exc.retry_after is not None
                                else delivery.backoff(attempt))
                     log.warning("incident %s step %s: %s; retry %d in %.1f s", incident_id, step.id, error,
                                 attempt, wait)
-                    self._stopping.wait(wait)
+                    if self._stopping.wait(wait):
+                        return False
                     continue
                 break
             except Final as exc:
@@ -382,15 +458,18 @@ class Responder:
                 log.exception("incident %s step %s: action %s raised", incident_id, step.id, step.spec.action)
                 error = f"{type(exc).__name__}: {logs.scrub(str(exc))}"
                 break
-            self.journal.set_step(incident_id, step.id, "done", detail=detail, now=self.clock())
+            # Done is recorded even if the incident closed meanwhile: the action happened.
+            self.journal.set_step(incident_id, step.id, "done", detail=detail, now=self.clock(), expect=("running",))
             log.info("incident %s step %s (%s) done", incident_id, step.id, step.spec.action,
                      extra={"incident": incident_id, "step": step.id, "detail": detail})
             self._count("steps", action=step.spec.action, state="done")
             return True
-        return self._finish_failed(incident_id, step, error)
+        return self._finish_failed(incident_id, step, error, expect=("running",))
 
-    def _finish_failed(self, incident_id: str, step: pb.CompiledStep, error: str) -> bool:
-        self.journal.set_step(incident_id, step.id, "failed", error=error, now=self.clock())
+    def _finish_failed(self, incident_id: str, step: pb.CompiledStep, error: str,
+                       expect: tuple[str, ...] | None = None) -> bool:
+        if not self.journal.set_step(incident_id, step.id, "failed", error=error, now=self.clock(), expect=expect):
+            return False
         log.error("incident %s step %s (%s) failed: %s", incident_id, step.id, step.spec.action, error,
                   extra={"incident": incident_id, "step": step.id})
         self._count("steps", action=step.spec.action, state="failed")
@@ -429,22 +508,38 @@ class Responder:
             self._wake_outbox.clear()
 
     def deliver_due(self) -> int:
-        """Deliver every due outbox entry once; how many were delivered."""
+        """Deliver every due outbox entry once; how many were delivered. One pass at a time (the
+        outbox thread and a file run's end both call it): an entry is never sent twice at once."""
         delivered = 0
-        for entry in self.journal.due(self.clock()):
-            if self._stopping.is_set():
-                break
-            delivered += self._deliver(entry)
+        with self._deliver_lock:
+            for entry in self.journal.due(self.clock()):
+                if self._stopping.is_set():
+                    break
+                try:
+                    delivered += self._deliver(entry)
+                except sqlite3.Error:
+                    log.exception("respond: the journal failed delivering outbox entry %s; retrying later",
+                                  entry["id"])
+                    break
         return delivered
 
     def _deliver(self, entry: dict[str, Any]) -> int:
         incident_id, step_id, purpose = entry["incident_id"], entry["step_id"], entry["purpose"]
         now = self.clock()
         row = self.journal.incident(incident_id)
-        book = self.playbooks.get(row["playbook"]) if row else None
-        step = next((s for s in book.steps if s.id == step_id), None) if book else None
+        step_row = self.journal.step(incident_id, step_id) if row else None
+        step = self._step(row["playbook"], step_row) if step_row else None
         if row is None or step is None:
-            self.journal.failed(entry["id"], "playbook or step no longer loaded")
+            self.journal.failed(entry["id"], "the playbook changed or was removed since the incident opened")
+            if step_row is not None and purpose == "run":
+                self.journal.set_step(incident_id, step_id, "undelivered", now=now, expect=("queued",),
+                                      error="the playbook changed or was removed since the incident opened")
+            return 0
+        if self._dry(row):  # a dry run switched on since the alert was queued: nothing leaves
+            self.journal.failed(entry["id"], "not sent: dry run")
+            if purpose == "run":
+                self.journal.set_step(incident_id, step_id, "dry_run", now=now, expect=("queued",),
+                                      detail=self._shown(step, self._context(row)))
             return 0
         if purpose == "resolve":
             trigger = next((e for e in self.journal.outbox(incident_id)
@@ -477,7 +572,7 @@ class Responder:
             return self._undeliverable(entry, step, f"{type(exc).__name__}: {logs.scrub(str(exc))}")
         self.journal.delivered(entry["id"], self.clock())
         if purpose == "run":
-            self.journal.set_step(incident_id, step_id, "delivered", detail=detail, now=self.clock())
+            self.journal.set_step(incident_id, step_id, "delivered", detail=detail, now=self.clock(), expect=("queued",))
         log.info("incident %s step %s (%s %s) delivered", incident_id, step_id, step.spec.action, purpose,
                  extra={"incident": incident_id, "step": step_id})
         self._count("notifications", action=step.spec.action, outcome="delivered")
@@ -487,7 +582,8 @@ class Responder:
         self.journal.failed(entry["id"], error)
         if entry["purpose"] == "run":
             # Not "failed": the steps after it have run already; on_failure is about steps that act.
-            self.journal.set_step(entry["incident_id"], step.id, "undelivered", error=error, now=self.clock())
+            self.journal.set_step(entry["incident_id"], step.id, "undelivered", error=error, now=self.clock(),
+                                  expect=("queued",))
         log.error("incident %s step %s (%s %s) not delivered: %s", entry["incident_id"], step.id, step.spec.action,
                   entry["purpose"], error)
         self._count("notifications", action=step.spec.action, outcome="failed")

@@ -53,8 +53,10 @@ CREATE TABLE IF NOT EXISTS steps (
     started_at REAL,
     finished_at REAL,
     decided_by TEXT,                  -- who approved or rejected
+    spec_hash TEXT,                   -- the step's definition when the incident opened
     PRIMARY KEY (incident_id, step_id)
 );
+CREATE INDEX IF NOT EXISTS steps_state ON steps (state);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     incident_id TEXT NOT NULL,
@@ -93,6 +95,9 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged step survives a power cut
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(steps)")}
+        if "spec_hash" not in columns:  # a journal written before step definitions were pinned
+            self._db.execute("ALTER TABLE steps ADD COLUMN spec_hash TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -121,29 +126,32 @@ class Journal:
         return self._one("SELECT * FROM incidents WHERE key = ? AND state = 'open' ORDER BY opened_at DESC LIMIT 1",
                          (key,))
 
-    def last_incident_for(self, key: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM incidents WHERE key = ? AND state != 'limited' "
-                         "ORDER BY opened_at DESC LIMIT 1", (key,))
+    def last_resolved_for(self, key: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM incidents WHERE key = ? AND state = 'resolved' "
+                         "ORDER BY resolved_at DESC LIMIT 1", (key,))
 
     def runs_since(self, playbook: str, since: float) -> int:
         row = self._one("SELECT COUNT(*) AS n FROM incidents WHERE playbook = ? AND state != 'limited' "
                         "AND opened_at >= ?", (playbook, since))
         return int(row["n"]) if row else 0
 
-    def join(self, incident_id: str, detection_id: str, playbook: str, ts: float, now: float) -> None:
-        """A detection joins an open incident (same dedup key)."""
+    def join(self, incident_id: str, detection_id: str, playbook: str, ts: float, now: float) -> bool:
+        """A detection joins an incident still open (same dedup key); False when it closed meanwhile."""
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)", (detection_id, playbook, incident_id, now))
-            db.execute("UPDATE incidents SET detections = detections + 1, last_seen = MAX(last_seen, ?), "
-                       "touched_at = ? WHERE id = ?", (ts, now, incident_id))
+            joined = db.execute("UPDATE incidents SET detections = detections + 1, last_seen = MAX(last_seen, ?), "
+                                "touched_at = ? WHERE id = ? AND state = 'open'", (ts, now, incident_id)).rowcount
+            if joined:
+                db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)", (detection_id, playbook, incident_id, now))
+        return bool(joined)
 
     def mark_seen(self, detection_id: str, playbook: str, now: float, incident_id: str | None = None) -> None:
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)", (detection_id, playbook, incident_id, now))
 
     def open(self, incident_id: str, playbook: str, key: str, detection: dict[str, Any], dry_run: bool,
-             steps: list[tuple[str, str, bool]], now: float, state: str = "open") -> None:
-        """A new incident with its steps (id, action, destructive) all ``pending``, in one transaction."""
+             steps: list[tuple[str, str, bool, str]], now: float, state: str = "open") -> None:
+        """A new incident with its steps (id, action, destructive, spec hash) all ``pending``, in one
+        transaction."""
         with self._tx() as db:
             db.execute("INSERT INTO incidents (id, playbook, key, state, dry_run, opened_at, last_seen, touched_at, "
                        "detections, detection) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
@@ -151,10 +159,10 @@ class Journal:
                         json.dumps(detection)))
             db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)",
                        (detection["detection_id"], playbook, incident_id, now))
-            for position, (step_id, action, destructive) in enumerate(steps):
-                db.execute("INSERT INTO steps (incident_id, step_id, position, action, destructive, state) "
-                           "VALUES (?, ?, ?, ?, ?, 'pending')", (incident_id, step_id, position, action,
-                                                                  int(destructive)))
+            for position, (step_id, action, destructive, spec_hash) in enumerate(steps):
+                db.execute("INSERT INTO steps (incident_id, step_id, position, action, destructive, state, spec_hash) "
+                           "VALUES (?, ?, ?, ?, ?, 'pending', ?)", (incident_id, step_id, position, action,
+                                                                    int(destructive), spec_hash))
 
     def incident(self, incident_id: str) -> dict[str, Any] | None:
         row = self._one("SELECT * FROM incidents WHERE id = ?", (incident_id,))
@@ -173,6 +181,9 @@ class Journal:
         return self._all("SELECT id FROM incidents WHERE playbook = ? AND state = 'open' AND touched_at < ?",
                          (playbook, touched_before))
 
+    def open_playbooks(self) -> list[str]:
+        return [row["playbook"] for row in self._all("SELECT DISTINCT playbook FROM incidents WHERE state = 'open'")]
+
     def resolve(self, incident_id: str, why: str, now: float) -> bool:
         """Close an open incident; steps still awaiting approval expire. False when it was not open."""
         with self._tx() as db:
@@ -180,7 +191,7 @@ class Journal:
                                  "WHERE id = ? AND state = 'open'", (now, why, incident_id)).rowcount
             if changed:
                 db.execute("UPDATE steps SET state = 'expired', finished_at = ? WHERE incident_id = ? "
-                           "AND state IN ('awaiting_approval', 'pending')", (now, incident_id))
+                           "AND state IN ('awaiting_approval', 'pending', 'approved')", (now, incident_id))
         return bool(changed)
 
     # ------------------------------------------------------------ steps
@@ -199,8 +210,10 @@ class Journal:
 
     def set_step(self, incident_id: str, step_id: str, state: str, *, detail: Any = None, error: str | None = None,
                  now: float | None = None, started: bool = False, attempt: bool = False,
-                 decided_by: str | None = None, expect: tuple[str, ...] | None = None) -> bool:
-        """Move a step to ``state``; with ``expect``, only from one of those states (False otherwise)."""
+                 decided_by: str | None = None, expect: tuple[str, ...] | None = None,
+                 open_only: bool = False) -> bool:
+        """Move a step to ``state``; with ``expect``, only from one of those states, with ``open_only``
+        only while its incident is open (False otherwise: someone else moved first)."""
         now = time.time() if now is None else now
         sets = ["state = ?"]
         args: list[Any] = [state]
@@ -227,6 +240,8 @@ class Journal:
         if expect:
             where += f" AND state IN ({', '.join('?' * len(expect))})"
             args += list(expect)
+        if open_only:
+            where += " AND EXISTS (SELECT 1 FROM incidents i WHERE i.id = steps.incident_id AND i.state = 'open')"
         with self._tx() as db:
             return bool(db.execute(f"UPDATE steps SET {', '.join(sets)} WHERE {where}", args).rowcount)
 
@@ -238,21 +253,39 @@ class Journal:
     def unfinished(self) -> list[str]:
         """Open incidents with a step still to run or interrupted while running."""
         rows = self._all("SELECT DISTINCT s.incident_id FROM steps s JOIN incidents i ON i.id = s.incident_id "
-                         "WHERE i.state = 'open' AND s.state IN ('pending', 'running') ORDER BY i.opened_at")
+                         "WHERE i.state = 'open' AND s.state IN ('pending', 'running', 'approved') "
+                         "ORDER BY i.opened_at")
         return [row["incident_id"] for row in rows]
 
     # ------------------------------------------------------------ destructive budget
 
-    def destructive_since(self, since: float) -> int:
-        row = self._one("SELECT COUNT(*) AS n FROM destructive_runs WHERE at >= ?", (since,))
-        return int(row["n"]) if row else 0
-
-    def count_destructive(self, now: float) -> None:
+    def take_destructive(self, now: float, per_hour: int) -> int | None:
+        """Count one destructive run if fewer than ``per_hour`` ran in the last hour (one transaction,
+        so concurrent workers cannot all pass); None when taken, else how many ran."""
         with self._tx() as db:
+            used = db.execute("SELECT COUNT(*) FROM destructive_runs WHERE at >= ?", (now - 3600,)).fetchone()[0]
+            if used >= per_hour:
+                return int(used)
             db.execute("INSERT INTO destructive_runs VALUES (?)", (now,))
             db.execute("DELETE FROM destructive_runs WHERE at < ?", (now - 7 * 86400,))
+        return None
 
     # ------------------------------------------------------------ outbox
+
+    def queue_notification(self, incident_id: str, step_id: str, from_states: tuple[str, ...], now: float) -> bool:
+        """The step becomes ``queued`` and its alert an outbox entry, in one transaction, only while
+        the incident is open: a closing incident either sees the entry (and sends its all-clear) or
+        the entry is never made."""
+        with self._tx() as db:
+            moved = db.execute(
+                f"UPDATE steps SET state = 'queued', started_at = ? WHERE incident_id = ? AND step_id = ? "
+                f"AND state IN ({', '.join('?' * len(from_states))}) "
+                "AND EXISTS (SELECT 1 FROM incidents i WHERE i.id = ? AND i.state = 'open')",
+                (now, incident_id, step_id, *from_states, incident_id)).rowcount
+            if moved:
+                db.execute("INSERT OR IGNORE INTO outbox (incident_id, step_id, purpose, state, next_at, created_at) "
+                           "VALUES (?, ?, 'run', 'queued', ?, ?)", (incident_id, step_id, now, now))
+        return bool(moved)
 
     def enqueue(self, incident_id: str, step_id: str, purpose: str, now: float) -> None:
         with self._tx() as db:

@@ -22,6 +22,7 @@ rendered again from the playbook when the step runs or is retried.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from monitor.respond import actions
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SEVERITY_TEST = re.compile(r"^\s*(>=|<=|==|!=|>|<)?\s*([a-z]+)\s*$")
 _STEP_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 class PlaybookError(InferWatchError):
@@ -138,6 +140,12 @@ class CompiledStep:
     @property
     def id(self) -> str:
         return self.spec.id
+
+    @property
+    def digest(self) -> str:
+        """The step's definition as written (action, with, when, approval, on_failure): an incident
+        pins it, so a reload cannot change what an approval was given for."""
+        return hashlib.sha256(msgspec.json.encode(self.spec)).hexdigest()[:16]
 
     def applies(self, detection: dict[str, Any]) -> bool:
         return self.spec.when is None or conditions_hold(self.spec.when, detection)
@@ -303,6 +311,9 @@ def _duration(value: str | float, where: str) -> float:
 
 
 def _check_match(match: Match, where: str) -> None:
+    for name in ("detector", "kind", "model", "client_id"):
+        if getattr(match, name) == []:
+            raise PlaybookError(f"{where}.{name}: an empty list matches nothing; leave the key out to match any")
     if match.severity is not None:
         parsed = _SEVERITY_TEST.match(match.severity)
         if not parsed or parsed.group(2) not in SEVERITIES:
@@ -357,7 +368,8 @@ def _compile_step(step: Step, index: int, where: str, require_env: bool) -> Comp
     compiled = CompiledStep(spec=step, action=action, index=index, templates=templates)
     # Check the parameters' types with every template rendered on a sample detection: a template
     # can only stand where a string is expected, or where its output converts (strict=False).
-    sample = template_context(_SAMPLE_DETECTION, {"id": "sample", "key": "sample", "playbook": "", "detections": 1})
+    sample = template_context(_SAMPLE_DETECTION, {"id": "sample", "key": "sample", "playbook": "", "detections": 1,
+                                                  "opened_at": 0.0})
     try:
         # With the secrets when the environment has them, so checks see real URLs; else shown as ***.
         params = compiled.render(sample, secrets=not missing)
@@ -434,8 +446,9 @@ def _struct_in(kind: Any, list_item: bool = False) -> Any:
 
 def _compile(spec: Spec, file: str, require_env: bool) -> Playbook:
     where = _where(file, spec.name, "")
-    if not spec.name.strip():
-        raise PlaybookError(f"{file}: name: must not be empty")
+    if not _NAME.match(spec.name):
+        raise PlaybookError(f"{file}: name: expected letters, digits, '_', '.', '-' (at most 100, a letter or digit "
+                            f"first), got {spec.name!r}")
     _check_match(spec.match, f"{where} match")
     if not spec.steps:
         raise PlaybookError(f"{where} steps: at least one step is needed")
@@ -457,12 +470,16 @@ def _compile(spec: Spec, file: str, require_env: bool) -> Playbook:
         raise PlaybookError(f"{where} dedup.key: template fails on a sample detection: {exc}") from None
     if _ENV_REF.search(spec.dedup.key):
         raise PlaybookError(f"{where} dedup.key: ${{VAR}} is not allowed in a key (keys are stored and shown)")
-    return Playbook(
+    book = Playbook(
         spec=spec, file=file, key_template=key, steps=steps,
         cooldown=_duration(spec.dedup.cooldown, f"{where} dedup.cooldown"),
         limit_window=_duration(spec.limits.per, f"{where} limits.per"),
         resolve_after=_duration(spec.resolve.after, f"{where} resolve.after"),
     )
+    for field_name, seconds in (("limits.per", book.limit_window), ("resolve.after", book.resolve_after)):
+        if seconds < 1:
+            raise PlaybookError(f"{where} {field_name}: expected at least 1s")
+    return book
 
 
 def _files(directory: Path) -> list[Path]:
@@ -473,10 +490,28 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one
+    silently: ``approval: required`` then ``approval: none`` would drop an approval gate)."""
+
+
+def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
 def load_file(path: Path, require_env: bool = True, dry_run: bool = False) -> list[Playbook]:
     """The playbooks of one YAML file: one playbook, a list of them, or several YAML documents."""
     try:
-        documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+        documents = [d for d in yaml.load_all(path.read_text(encoding="utf-8"), Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as exc:
         raise PlaybookError(f"{path}: not valid YAML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -516,10 +551,14 @@ def load(directory: str | Path, require_env: bool = True, dry_run: bool = False)
     return PlaybookSet(books, files)
 
 
+def file_times(directory: str | Path) -> dict[str, float]:
+    """The playbook files of ``directory`` and their modification times ({} when unreadable)."""
+    try:
+        return {str(p): p.stat().st_mtime for p in _files(Path(directory))}
+    except (PlaybookError, OSError):
+        return {}
+
+
 def changed(directory: str | Path, current: PlaybookSet) -> bool:
     """Whether the directory's files differ (added, removed, modified) from those ``current`` came from."""
-    try:
-        now = {str(p): p.stat().st_mtime for p in _files(Path(directory))}
-    except (PlaybookError, OSError):
-        return True
-    return now != current.files
+    return file_times(directory) != current.files
