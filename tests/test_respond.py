@@ -632,3 +632,24 @@ def test_the_destructive_budget_holds_under_concurrent_workers(tmp_path: Path, c
     finally:
         responder.stop()
         responder.journal.close()
+
+
+def test_alerts_queued_at_a_crash_are_delivered_after_the_restart(tmp_path: Path, hook: WebhookServer,
+                                                                  make_responder: Any) -> None:
+    books = write_playbooks(tmp_path / "books", f"""\
+        name: tell
+        match: {{}}
+        steps: [{{id: s, action: webhook, with: {{url: "{hook.url}"}}}}]
+    """)
+    hook.script = ["503:600"]  # the receiver is down and asks for ten minutes
+    first = make_responder(books)
+    [incident] = first.handle(detection())
+    wait_for(lambda: len(hook.requests) == 1, what="the first attempt")
+    first.stop()  # as a crash would: the alert is in the outbox, not delivered
+    assert [e["state"] for e in first.journal.outbox(incident)] == ["queued"]
+    first.journal.close()
+    with sqlite3.connect(tmp_path / "state" / "journal.sqlite") as db:  # ten minutes later
+        db.execute("UPDATE outbox SET next_at = next_at - 600")
+    second = make_responder(books)
+    wait_for(lambda: second.journal.step(incident, "s")["state"] == "delivered", what="delivered after the restart")
+    assert len(hook.requests) == 2
