@@ -160,3 +160,67 @@ class WebhookServer(ScriptedServer):
         except ValueError:
             return 400, {}, b"not json"
         return 200, {"Content-Type": "application/json"}, b"{}"
+
+
+class RecordingServer:
+    """Any method on any path: records the request, then answers ``reply`` (status, headers, body) or,
+    with ``drip`` set to "headers" or "body", sends that part one byte every ``interval`` seconds
+    until ``stop`` (a receiver that answers, but slowly enough to hold a per-read timeout forever).
+    A redirect's Location target is one of these that must receive nothing."""
+
+    def __init__(self, reply: tuple[int, dict[str, str], bytes] = (200, {}, b"{}"), drip: str = "",
+                 interval: float = 0.2) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.reply, self.drip, self.interval = reply, drip, interval
+        self.stopping = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                outer.requests.append({"method": self.command, "path": self.path,
+                                       "headers": dict(self.headers.items()), "body": self.rfile.read(length)})
+                status, headers, body = outer.reply
+                head = f"HTTP/1.1 {status} Whatever\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                try:
+                    if outer.drip == "headers":
+                        outer._drip(self.wfile, head.encode() + body)
+                    elif outer.drip == "body":
+                        self.wfile.write(head.encode())
+                        self.wfile.flush()
+                        outer._drip(self.wfile, body)
+                    else:
+                        self.wfile.write(head.encode() + body)
+                except OSError:
+                    pass  # the client gave up, as it should
+                self.close_connection = True
+
+            do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _any  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _drip(self, out: Any, data: bytes) -> None:
+        for i in range(len(data)):
+            if self.stopping.wait(self.interval):
+                return
+            out.write(data[i:i + 1])
+            out.flush()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> "RecordingServer":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -12,6 +12,7 @@ from typing import Any
 
 from monitor.errors import InferWatchError
 from monitor.respond import playbooks as pb
+from monitor.respond.delivery import RefuseRedirects
 
 
 def check_playbooks(directory: str, dry_run: bool = False) -> pb.PlaybookSet:
@@ -103,11 +104,17 @@ def cmd_admin(args: Any) -> int:
         request = urllib.request.Request(f"{base}/admin/{args.command}", data=json.dumps(body).encode(),
                                          method="POST", headers={"Content-Type": "application/json"})
     request.add_header("Authorization", f"Bearer {token}")
+    # Redirects are refused: urllib would carry the admin token to wherever the Location points.
+    opener = urllib.request.build_opener(RefuseRedirects)
     try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
+        with opener.open(request, timeout=10) as answer:
             status, payload = answer.status, json.loads(answer.read() or b"{}")
     except urllib.error.HTTPError as exc:
         status = exc.code
+        if 300 <= status < 400:
+            exc.close()
+            raise InferWatchError(f"the daemon at {base} answered {status} redirect to another location; "
+                                  "not followed (the admin token is sent to the daemon only)") from None
         try:
             payload = json.loads(exc.read() or b"{}")
         except ValueError:

@@ -115,7 +115,12 @@ class RespondStage:
         self.stopping.set()
         if self.consumer_thread is not None:
             self.consumer_thread.join(15)
-        self.responder.stop()
+        self.responder.stop(timeout=30)
+        if any(thread.is_alive() for thread in self.responder._threads):
+            # A step still running (a rollback waiting for its rollout): its thread ends with the
+            # process; the journal stays open for it, and a restart reconciles what it was doing.
+            log.warning("respond: a step is still running at stop; it will be reconciled after the restart")
+            return
         self.journal.close()
 
     def on_detection(self, detection: Detection) -> None:
@@ -148,7 +153,7 @@ class RespondStage:
                         **security_settings(self.config))
                     delay = 1.0
                 batches = consumer.poll(timeout_ms=500, max_records=500)
-                self.ready_reason = "ok"
+                self.ready_reason = "ok" if _reachable(consumer) else "detections topic: broker unreachable"
                 if not batches:
                     continue
                 for records in batches.values():
@@ -168,7 +173,16 @@ class RespondStage:
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
             except Exception:
-                log.exception("respond: the detections consumer failed (a bug); restarting it")
+                # The journal failed (disk full, locked) or a bug: the batch's offsets are not
+                # committed; a new consumer starts again from the last commit.
+                log.exception("respond: handling detections failed; reconnecting without committing")
+                self.ready_reason = "handling detections failed"
+                if consumer is not None:
+                    try:
+                        consumer.close(autocommit=False)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    consumer = None
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
         if consumer is not None:
@@ -192,23 +206,39 @@ class RespondStage:
     # ------------------------------------------------------------ admin HTTP
 
     def admin_routes(self, http: Any) -> None:
+        """The admin endpoints. Each checks the method, then the bearer token, and only then reads the body.
+
+        Tokens are compared as HMAC-SHA256 digests under a key drawn at start: compare_digest on equal
+        lengths, so neither the time taken nor an early exit tells how long the token is."""
         token_env = self.config.respond.admin_token_env
+        key = os.urandom(32)
+
+        def digest(text: str) -> bytes:
+            return hmac.new(key, text.encode("utf-8", "surrogateescape"), "sha256").digest()
 
         def authorized(headers: Any) -> Response | None:
             token = os.environ.get(token_env, "")
             if not token:
                 return json_response(503, {"error": f"the admin API is off: set {token_env} to a secret token"})
-            given = headers.get("Authorization", "")
-            expected = f"Bearer {token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return json_response(401, {"error": "missing or wrong bearer token"})
+            scheme, _, given = headers.get("Authorization", "").strip().partition(" ")
+            # The scheme is case-blind (RFC 9110 §11.1); the token is not.
+            matches = hmac.compare_digest(digest(given.strip()), digest(token))
+            if scheme.lower() != "bearer" or not matches:
+                return json_response(401, {"error": "missing or wrong bearer token"},
+                                     {"WWW-Authenticate": 'Bearer realm="inferwatch-admin"'})
             return None
 
-        def pending(method: str, headers: Any, body: bytes) -> Response:
-            return authorized(headers) or json_response(200, {"pending": self.responder.pending()})
+        def only(allowed: str, method: str) -> Response | None:
+            if method != allowed:
+                return json_response(405, {"error": f"use {allowed}"}, {"Allow": allowed})
+            return None
 
-        def incidents(method: str, headers: Any, body: bytes) -> Response:
-            denied = authorized(headers)
+        def pending(method: str, headers: Any, read_body: Any) -> Response:
+            return (only("GET", method) or authorized(headers)
+                    or json_response(200, {"pending": self.responder.pending()}))
+
+        def incidents(method: str, headers: Any, read_body: Any) -> Response:
+            denied = only("GET", method) or authorized(headers)
             if denied:
                 return denied
             rows = self.journal.incidents(limit=100)
@@ -218,28 +248,27 @@ class RespondStage:
             return json_response(200, {"incidents": rows})
 
         def decide(approve: bool) -> Any:
-            def handler(method: str, headers: Any, body: bytes) -> Response:
-                denied = authorized(headers)
+            def handler(method: str, headers: Any, read_body: Any) -> Response:
+                denied = only("POST", method) or authorized(headers)
                 if denied:
                     return denied
-                if method != "POST":
-                    return json_response(405, {"error": "use POST"})
+                body = read_body()
                 try:
                     request = json.loads(body or b"{}")
                     incident, step = str(request["incident"]), str(request["step"])
                 except (ValueError, KeyError, TypeError):
                     return json_response(400, {"error": 'expected JSON {"incident": ID, "step": STEP, "by": NAME}'})
+                if self.journal.step(incident, step) is None:
+                    return json_response(404, {"ok": False, "message": f"no step {step!r} in incident {incident!r}"})
                 who = str(request.get("by") or "admin-api")[:100]
                 ok, message = self.responder.decide(incident, step, approve, who)
                 return json_response(200 if ok else 409, {"ok": ok, "message": message})
             return handler
 
-        def reload(method: str, headers: Any, body: bytes) -> Response:
-            denied = authorized(headers)
+        def reload(method: str, headers: Any, read_body: Any) -> Response:
+            denied = only("POST", method) or authorized(headers)
             if denied:
                 return denied
-            if method != "POST":
-                return json_response(405, {"error": "use POST"})
             ok, message = self.responder.reload()
             return json_response(200 if ok else 422, {"ok": ok, "message": message})
 
@@ -249,3 +278,12 @@ class RespondStage:
         http.route_any("/admin/reject", decide(False))
         http.route_any("/admin/reload", reload)
 
+
+def _reachable(consumer: Any) -> bool:
+    """A connection to some broker is up (kafka-python has no public call for this)."""
+    try:
+        client = consumer._client
+        nodes = [b.node_id if hasattr(b, "node_id") else b.nodeId for b in client.cluster.brokers()]
+        return any(client.connected(node) for node in nodes)
+    except Exception:  # noqa: BLE001 - another kafka-python: assume reachable
+        return True
