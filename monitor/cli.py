@@ -87,16 +87,22 @@ def parser() -> argparse.ArgumentParser:
                     "adversarial search and query floods; cost regressions per model version, expensive\n"
                     "(sponge) clients, oversized payloads, error spikes and the model servers' own gauges;\n"
                     "a saved alibi-detect detector) and publishes detections, with bad input sent to a\n"
-                    "dead-letter topic. Periodic jobs (checkpoints, idle-client eviction, baseline refresh,\n"
-                    "scraping model servers' /metrics) run on APScheduler.",
+                    "dead-letter topic. Detections run YAML incident playbooks (Slack, PagerDuty,\n"
+                    "Alertmanager, webhooks, Kubernetes isolate/rollback, client blocks, evidence snapshots)\n"
+                    "with dedup, budgets, dry runs, approvals and a crash-safe journal. Periodic jobs\n"
+                    "(checkpoints, idle-client eviction, baseline refresh, scraping model servers' /metrics)\n"
+                    "run on APScheduler.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"inferwatch {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the daemon (detect stage) on Kafka or on files",
+    run = sub.add_parser("run", help="run the daemon (detect and respond stages) on Kafka or on files",
                          description="Consume inference logs in a consumer group, run the detectors, publish "
-                                     "detections and dead letters, commit offsets once they are durable. "
-                                     "With --input, read JSONL/JSONL.gz files (or - for stdin) instead.")
+                                     "detections and dead letters, commit offsets once they are durable; with "
+                                     "respond.playbooks set (or -p), run the playbooks on the detections topic "
+                                     "in a consumer group of their own. With --input, read JSONL/JSONL.gz "
+                                     "files (or - for stdin) instead, and hand detections to the playbooks "
+                                     "directly.")
     _add_overrides(run)
     run.add_argument("--input", metavar="FILE", nargs="+",
                      help="read events from files (JSONL, JSONL.gz, globs, - for stdin) instead of Kafka; "

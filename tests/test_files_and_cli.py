@@ -185,11 +185,13 @@ def test_unwritable_output_exits_2_naming_it(tmp_path):
 # -- help and usage -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, flags", [
-    ((), ["run", "check", "demo", "--version"]),
+    ((), ["run", "check", "demo", "playbooks", "pending", "approve", "reject", "--version"]),
     (("run",), ["--input", "--output", "--dead-letters", "--config", "--bootstrap", "--topic", "--group",
-                "--http-port", "--state-dir"]),
-    (("check",), ["--config"]),
-], ids=["inferwatch", "run", "check"])
+                "--http-port", "--state-dir", "--stage", "--playbooks", "--dry-run"]),
+    (("check",), ["--config", "--playbooks"]),
+    (("playbooks", "test"), ["--playbooks", "--detection"]),
+    (("approve",), ["incident", "step", "--by", "--url", "--token-env"]),
+], ids=["inferwatch", "run", "check", "playbooks-test", "approve"])
 def test_help_exits_0_and_names_the_key_flags(args, flags):
     result = inferwatch(*args, "--help")
     assert result.returncode == 0, result.stderr.decode()
