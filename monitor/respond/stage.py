@@ -137,7 +137,7 @@ class RespondStage:
         from kafka import KafkaConsumer
         from kafka.errors import KafkaError
 
-        from monitor.sources.kafka import security_settings
+        from monitor.sources.kafka import security_settings, wait_for_broker
 
         kafka = self.config.kafka
         delay = 1.0
@@ -145,6 +145,12 @@ class RespondStage:
         while not self.stopping.is_set():
             try:
                 if consumer is None:
+                    # A TCP probe first: a consumer built while the broker is down blocks in its
+                    # bootstrap and holds up a stop.
+                    self.ready_reason = "waiting for the broker"
+                    wait_for_broker(self.config, self.stopping)
+                    if self.stopping.is_set():
+                        break
                     consumer = KafkaConsumer(
                         kafka.topics.detections, bootstrap_servers=kafka.bootstrap_servers,
                         group_id=self.config.respond.group_id, client_id=f"{kafka.client_id}-respond",
