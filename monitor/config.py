@@ -166,6 +166,7 @@ class Respond(Base):
     max_destructive_per_hour: PositiveInt = 10  # isolations, rollbacks, blocks: beyond it steps are refused
     http_timeout: Duration = "10s"
     outbox_max_age: Duration = "24h"  # a notification not delivered by then is given up (and logged)
+    journal_retention: Duration = "30d"  # closed incidents older than this leave the journal
     workers: PositiveInt = 4
     # The admin endpoints (/admin/pending, /admin/approve, ...) need "Authorization: Bearer <token>"
     # with the token from this environment variable; without it they are off.
@@ -312,7 +313,7 @@ def _check_semantics(config: Config) -> None:
     if _duration(where, "$.kafka.ack_timeout", config.kafka.ack_timeout) <= 0:
         raise ConfigError(f"{where}: $.kafka.ack_timeout: expected more than 0s")
     _check_jobs(config)
-    for key in ("http_timeout", "outbox_max_age"):
+    for key in ("http_timeout", "outbox_max_age", "journal_retention"):
         if _duration(where, f"$.respond.{key}", getattr(config.respond, key)) <= 0:
             raise ConfigError(f"{where}: $.respond.{key}: expected more than 0s")
     if not config.kafka.bootstrap_servers:

@@ -653,3 +653,25 @@ def test_alerts_queued_at_a_crash_are_delivered_after_the_restart(tmp_path: Path
     second = make_responder(books)
     wait_for(lambda: second.journal.step(incident, "s")["state"] == "delivered", what="delivered after the restart")
     assert len(hook.requests) == 2
+
+
+def test_closed_incidents_leave_the_journal_after_the_retention(tmp_path: Path, hook: WebhookServer,
+                                                                make_responder: Any) -> None:
+    books = write_playbooks(tmp_path / "books", f"""\
+        name: tell
+        match: {{}}
+        dedup: {{key: "{{{{ detection_id }}}}"}}
+        resolve: {{after: 1m}}
+        steps: [{{id: s, action: webhook, with: {{url: "{hook.url}"}}}}]
+    """)
+    clock = Clock()
+    responder = make_responder(books, clock=clock, retention=86400.0)
+    [old] = responder.handle(detection(1))
+    wait_for(lambda: responder.journal.step(old, "s")["state"] == "delivered", what="delivered")
+    clock.now += 120
+    responder.tick()  # closes it
+    clock.now += 86400 + 3601
+    [fresh] = responder.handle(detection(2))
+    responder.tick()
+    assert responder.journal.incident(old) is None and responder.journal.steps(old) == []
+    assert responder.journal.incident(fresh)["state"] == "open"

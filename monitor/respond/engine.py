@@ -50,6 +50,7 @@ DONE_STATES = ("done", "skipped", "dry_run", "queued", "delivered")
 class Responder:
     def __init__(self, playbook_dir: str | Path, journal: Journal, services: Services, *,
                  dry_run: bool = False, max_destructive_per_hour: int = 10, outbox_max_age: float = 86400.0,
+                 retention: float = 30 * 86400.0,
                  workers: int = 4, metrics: Any = None, require_env: bool = True,
                  clock: Callable[[], float] = time.time):
         self.playbook_dir = Path(playbook_dir)
@@ -58,6 +59,8 @@ class Responder:
         self.dry_run = dry_run
         self.max_destructive_per_hour = max_destructive_per_hour
         self.outbox_max_age = outbox_max_age
+        self.retention = retention
+        self._last_forget = 0.0
         self.metrics = metrics
         self.require_env = require_env
         self.clock = clock
@@ -248,6 +251,11 @@ class Responder:
                     if self.journal.resolve(row["id"], "its playbook is no longer loaded", now):
                         log.warning("incident %s closed: playbook %s is no longer loaded (no all-clear sent)",
                                     row["id"], name)
+        if now - self._last_forget > 3600:  # once an hour: closed incidents past the retention go
+            self._last_forget = now
+            gone = self.journal.forget_before(now - self.retention)
+            if gone:
+                log.info("journal: forgot %d incidents closed more than %g days ago", gone, self.retention / 86400)
         if self.metrics is not None:
             counts = self.journal.counts()
             self.metrics.outbox_queued.set(counts.get("queued", 0))

@@ -320,6 +320,19 @@ class Journal:
             db.execute("UPDATE outbox SET state = 'failed', attempts = attempts + 1, error = ? WHERE id = ?",
                        (error, entry_id))
 
+    def forget_before(self, before: float) -> int:
+        """Drop closed incidents (resolved or limited) older than ``before``, with their steps, outbox
+        entries and handled detections: the journal stays bounded. How many incidents went."""
+        with self._tx() as db:
+            old = "SELECT id FROM incidents WHERE (state = 'resolved' AND resolved_at < ?) OR (state = 'limited' AND opened_at < ?)"
+            db.execute(f"DELETE FROM steps WHERE incident_id IN ({old})", (before, before))
+            db.execute(f"DELETE FROM outbox WHERE incident_id IN ({old}) AND state != 'queued'", (before, before))
+            gone = db.execute("DELETE FROM incidents WHERE (state = 'resolved' AND resolved_at < ?) "
+                              "OR (state = 'limited' AND opened_at < ?)", (before, before)).rowcount
+            db.execute("DELETE FROM seen WHERE at < ? AND (incident_id IS NULL OR incident_id NOT IN "
+                       "(SELECT id FROM incidents))", (before,))
+        return gone
+
     def counts(self) -> dict[str, int]:
         rows = self._all("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
         return {row["state"]: int(row["n"]) for row in rows}

@@ -82,6 +82,7 @@ class RespondStage:
             self.responder = Responder(respond.playbooks, self.journal, services, dry_run=respond.dry_run,
                                        max_destructive_per_hour=respond.max_destructive_per_hour,
                                        outbox_max_age=seconds(respond.outbox_max_age), workers=respond.workers,
+                                       retention=seconds(respond.journal_retention),
                                        metrics=metrics)
         except pb.PlaybookError as exc:
             self.journal.close()
