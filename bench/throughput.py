@@ -91,10 +91,13 @@ def daemon_rate(bootstrap: str, topics: dict[str, str], total: int, config_path:
         "kafka.group_id": f"bench-{uuid.uuid4().hex[:6]}", "kafka.max_poll_interval_ms": 10000,
         "state.dir": state_dir, "logging.level": "WARNING",
     })
-    daemon = DetectDaemon(config, http=False)
+    # The detect stage alone: the playbooks (respond stage) read the detections topic, a few records.
+    daemon = DetectDaemon(config, http=False, stage="detect")
     thread = threading.Thread(target=daemon.run, daemon=True)
     thread.start()
     while daemon.first_batch_at is None or daemon.processed < total:
+        if not thread.is_alive():
+            raise SystemExit("the daemon stopped before consuming every event (see the log above)")
         time.sleep(0.01)
     elapsed = daemon.last_batch_at - daemon.first_batch_at
     daemon.stop()

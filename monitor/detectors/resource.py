@@ -602,6 +602,8 @@ class Resource(Detector):
         take = np.arange((-self.hst_position) % every, len(batch), every)
         self.hst_position = (self.hst_position + len(batch)) % every
         take = take[~np.isnan(ranks[take]).all(axis=1)] if take.size else take
+        if self.hst_chart is None:  # learning or setting the bound: what is left of a poll is not scored
+            take = take[: max(0, HST_LEARN - self.hst_learned) + HST_REFERENCE - len(self.hst_scores)]
         if take.size == 0:
             return []
         if self.hst is None:
@@ -678,46 +680,60 @@ class Resource(Detector):
         marks_sorted = marks[order]
         counts = ends - starts
         n_marks = np.add.reduceat(marks_sorted.astype(np.int64), starts)
-        states = [self.clients.get(c) if c is not None else None for c in names]
-        calm = np.fromiter((self._calm(st) for st in states), dtype=bool, count=len(names))
+        states = list(map(self.clients.get, names))  # None for a new client (and for events without one)
+        statistics = np.asarray([st.statistic if st is not None else 0.0 for st in states])
+        events = np.asarray([st.events if st is not None else 0 for st in states], dtype=np.int64)
+        quiet_until = np.asarray([st.quiet_until if st is not None else 0 for st in states], dtype=np.int64)
+        calm = (statistics <= self.client_h / 2) & (events >= quiet_until)  # as _calm says, all at once
         if calm.any():
             weight = 1 - 0.5 ** (int(counts[calm].sum()) / MODEL_HALF_LIFE)
             self.recent_share += weight * (float(n_marks[calm].sum() / counts[calm].sum()) - self.recent_share)
-        rest_n, rest_m = len(marks) - counts, int(n_marks.sum()) - n_marks
-        bases = [compared_rate(self.client_p0, self.recent_share, float(m) / n if n else 0.0, int(n))
-                 for n, m in zip(rest_n.tolist(), rest_m.tolist())]
-        charts = {base: self._client_chart(base) for base in set(bases)}  # (up, down, h); None: no client stands out
-        up = np.asarray([charts[b][0] if charts[b] else 0.0 for b in bases])
-        down = np.asarray([charts[b][1] if charts[b] else 0.0 for b in bases])
-        h = np.asarray([charts[b][2] if charts[b] else math.inf for b in bases])
+        # The rate each client is compared with depends on its events and marks only through the rest of
+        # the batch's: a poll of thousands of clients has a handful of distinct (rest, marks) pairs.
+        width = int(counts.max()) + 1  # (events, marks) of a client as one number
+        pairs, which = np.unique(counts * width + n_marks, return_inverse=True)
+        rest_n, rest_m = len(marks) - pairs // width, int(n_marks.sum()) - pairs % width
+        pair_bases = [compared_rate(self.client_p0, self.recent_share, float(m) / n if n else 0.0, int(n))
+                      for n, m in zip(rest_n.tolist(), rest_m.tolist())]
+        charts = {base: self._client_chart(base) for base in pair_bases}  # (up, down, h); None: no client stands out
+        up = np.asarray([charts[b][0] if charts[b] else 0.0 for b in pair_bases])[which]
+        down = np.asarray([charts[b][1] if charts[b] else 0.0 for b in pair_bases])[which]
+        h = np.asarray([charts[b][2] if charts[b] else math.inf for b in pair_bases])[which]
         steps = np.where(marks_sorted > 0, np.repeat(up, counts), np.repeat(down, counts))
-        s = cusum.per_segment(steps, starts, counts,
-                              np.fromiter((st.statistic if st is not None else 0.0 for st in states),
-                                          dtype=np.float64, count=len(names)))
-        crossed = np.maximum.reduceat(s, starts) > h
-        costs = np.log1p(np.maximum(matrix[present][:, self.client_columns], 0)) if self.client_columns else None
-        ts = batch.ts
+        s = cusum.per_segment(steps, starts, counts, statistics)
+        crossed = (np.maximum.reduceat(s, starts) > h).tolist()
+        charted = np.asarray([charts[b] is not None for b in pair_bases])[which].tolist()
+        costs = None
+        if self.client_columns:
+            nan = np.full(len(self.client_columns), np.nan)
+            before = np.array([st.cost if st is not None else nan for st in states])
+            logged = np.log1p(np.maximum(matrix[present][:, self.client_columns], 0))
+            costs = _recent_costs(before, logged[order], counts)
+        last_ts = batch.ts[present[order[ends - 1]]].tolist()
+        last_s = s[ends - 1].tolist()
+        counts_l, n_marks_l = counts.tolist(), n_marks.tolist()
         found = []
+        # Per client, only the bookkeeping: everything computed above for all clients at once.
         for k, client in enumerate(names):
             if client is None:
                 continue
             state = states[k]
             if state is None:
                 state = self.clients[client] = ClientState(len(self.client_columns))
-            lo, hi = int(starts[k]), int(ends[k])
-            state.last_ts = float(ts[present[order[hi - 1]]])
+            state.last_ts = last_ts[k]
             if costs is not None:
-                _follow(state, costs[order[lo:hi]])
-            if charts[bases[k]] is None:  # the rest of the model is as expensive: nothing to tell
-                state.events += hi - lo
-                state.marks += int(n_marks[k])
+                state.cost[:] = costs[k]
+            if not charted[k]:  # the rest of the model is as expensive: nothing to tell
+                state.events += counts_l[k]
+                state.marks += n_marks_l[k]
                 continue
             if not crossed[k]:
-                state.events += hi - lo
-                state.marks += int(n_marks[k])
-                state.statistic = float(s[hi - 1])
+                state.events += counts_l[k]
+                state.marks += n_marks_l[k]
+                state.statistic = last_s[k]
                 continue
-            for pos in range(lo, hi):  # the rare client that alarms: its events one by one
+            base = pair_bases[which[k]]
+            for pos in range(int(starts[k]), int(ends[k])):  # the rare client that alarms: its events one by one
                 mark = int(marks_sorted[pos])
                 state.events += 1
                 state.marks += mark
@@ -727,7 +743,7 @@ class Resource(Detector):
                     if state.events >= self.params.min_client_events and state.events >= state.quiet_until:
                         state.quiet_until = state.events + self.params.cooldown
                         found.append(self._sponge(batch, int(present[order[pos]]), client, state,
-                                                  state.marks / state.events, state.events, bases[k], float(h[k])))
+                                                  state.marks / state.events, state.events, base, float(h[k])))
         if self.costlier:
             # A version reported a rise: clients are compared with the calm clients' share of this batch
             # from now on, not once the recent share has caught up (a quiet model polls in tiny batches).
@@ -979,8 +995,9 @@ def _times(ratio: float | None) -> str:
 
 def _status(batch: ModelBatch, ok: frozenset[str]) -> np.ndarray:
     """1 for an event whose status is not one of ``ok`` (an error, a timeout), 0 for one, -1 for none."""
-    return np.fromiter((-1 if (s := e.status) is None else int(s.lower() not in ok) for e in batch.events),
-                       dtype=np.int8, count=len(batch))
+    statuses = [e.status for e in batch.events]
+    code = {s: -1 if s is None else int(s.lower() not in ok) for s in set(statuses)}  # a poll has a few
+    return np.fromiter(map(code.__getitem__, statuses), dtype=np.int8, count=len(statuses))
 
 
 def _group(names: list[str]) -> dict[str, np.ndarray]:
@@ -993,19 +1010,60 @@ def _group(names: list[str]) -> dict[str, np.ndarray]:
     return {name: np.asarray(rows) for name, rows in out.items()}
 
 
-def _follow(state: ClientState, costs: np.ndarray) -> None:
-    """The client's recent mean of each figure (log1p), an exponential average over its events."""
+def _decay(m: int) -> tuple[np.ndarray, float, float]:
+    """The weights of a client's ``m`` newest values (oldest first), their sum, and the weight left to
+    its previous mean: an exponential average with a half-life of ``CLIENT_HALF_LIFE`` events."""
+    alpha = 1 - 0.5 ** (1 / CLIENT_HALF_LIFE)
+    weights = alpha * (1 - alpha) ** np.arange(m - 1, -1, -1)
+    return weights, float(weights.sum()), (1 - alpha) ** m
+
+
+# A client with fewer values than this in a poll (most of them when a poll holds thousands of clients)
+# has its mean summed position by position, oldest first, for all such clients at once; one with more,
+# by a dot product of its own. OpenBLAS's dot product adds fewer than 16 terms one by one, oldest first:
+# with it, the two give the same figures to the last bit.
+SHORT = 16
+_DECAYS = [_decay(m) for m in range(SHORT)]
+_WEIGHTS = np.array([np.pad(w, (0, SHORT - m)) for m, (w, _, _) in enumerate(_DECAYS)])  # row m: m weights, 0s
+_WEIGHT_SUMS = np.array([weight_sum for _, weight_sum, _ in _DECAYS])
+_PRIORS = np.array([prior for _, _, prior in _DECAYS])
+
+
+def _recent_costs(before: np.ndarray, costs: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each client's recent mean of each figure (log1p), an exponential average over its events:
+    ``(sum_i w_i x_i + (1 - a)^m mean) / (sum_i w_i + (1 - a)^m)`` over its ``m`` new values, with
+    ``w_i = a (1 - a)^(m - 1 - i)`` (its newest value weighs ``a``); the previous mean's terms drop
+    out while it has none. ``before``: clients x figures (NaN: no mean yet); ``costs``: the events'
+    figures grouped by client (``counts`` of each, in order), NaN where absent."""
+    after = before.copy()
+    owner_all = np.repeat(np.arange(len(counts)), counts)
     for n in range(costs.shape[1]):
-        column = costs[:, n]
-        column = column[~np.isnan(column)]
-        if column.size == 0:
+        present = ~np.isnan(costs[:, n])
+        if not present.any():
             continue
-        alpha = 1 - 0.5 ** (1 / CLIENT_HALF_LIFE)
-        weights = alpha * (1 - alpha) ** np.arange(len(column) - 1, -1, -1)
-        prior = (1 - alpha) ** len(column)
-        old = state.cost[n]
-        state.cost[n] = float(weights @ column + (prior * old if not math.isnan(old) else 0.0)) / (
-            float(weights.sum()) + (prior if not math.isnan(old) else 0.0))
+        values, owner = costs[present, n], owner_all[present]
+        m = np.bincount(owner, minlength=len(counts))
+        first = np.cumsum(m) - m
+        short = np.flatnonzero((m > 0) & (m < SHORT))
+        if short.size:
+            ms = m[short]
+            total = np.zeros(len(short))
+            for i in range(int(ms.max())):  # oldest first
+                on = ms > i
+                at = first[short[on]] + i
+                total[on] += _WEIGHTS[ms[on], i] * values[at]
+            old = before[short, n]
+            known = ~np.isnan(old)
+            prior = _PRIORS[ms]
+            after[short, n] = ((total + np.where(known, prior * old, 0.0))
+                               / (_WEIGHT_SUMS[ms] + np.where(known, prior, 0.0)))
+        for k in np.flatnonzero(m >= SHORT).tolist():
+            weights, weight_sum, prior = _decay(int(m[k]))
+            old = before[k, n]
+            column = values[first[k]: first[k] + m[k]]
+            after[k, n] = float(weights @ column + (prior * old if not math.isnan(old) else 0.0)) / (
+                weight_sum + (prior if not math.isnan(old) else 0.0))
+    return after
 
 
 def _remember(version: Version, rows: np.ndarray, size: int) -> None:
