@@ -171,12 +171,7 @@ class RespondStage:
                 self.ready_reason = f"detections consumer: {type(exc).__name__}"
                 log.warning("respond: reading the detections topic failed (%s: %s); retrying in %.0f s",
                             type(exc).__name__, exc, delay)
-                if consumer is not None:
-                    try:
-                        consumer.close(autocommit=False)
-                    except Exception:  # noqa: BLE001
-                        pass
-                    consumer = None
+                consumer = _drop(consumer)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
             except Exception:
@@ -184,19 +179,10 @@ class RespondStage:
                 # committed; a new consumer starts again from the last commit.
                 log.exception("respond: handling detections failed; reconnecting without committing")
                 self.ready_reason = "handling detections failed"
-                if consumer is not None:
-                    try:
-                        consumer.close(autocommit=False)
-                    except Exception:  # noqa: BLE001
-                        pass
-                    consumer = None
+                consumer = _drop(consumer)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
-        if consumer is not None:
-            try:
-                consumer.close(autocommit=False)
-            except Exception:  # noqa: BLE001
-                pass
+        _drop(consumer)
 
     def _handle_raw(self, raw: bytes | None, record: Any) -> None:
         try:
@@ -294,3 +280,13 @@ def _reachable(consumer: Any) -> bool:
         return any(client.connected(node) for node in nodes)
     except Exception:  # noqa: BLE001 - another kafka-python: assume reachable
         return True
+
+
+def _drop(consumer: Any) -> None:
+    """Close a consumer without committing (what it read and did not commit is read again)."""
+    if consumer is not None:
+        try:
+            consumer.close(autocommit=False)
+        except Exception:  # noqa: BLE001 - closing a broken consumer
+            pass
+    return None

@@ -45,6 +45,7 @@ import msgspec
 from monitor.config import parse_duration
 from monitor.respond.actions import base
 from monitor.respond.actions.base import Final, Incident, Services, Transient
+from monitor.respond.actions.kubernetes import short as _short, status_message
 from monitor.respond.actions.snapshot import atomic_file
 from monitor.respond.delivery import retry_after
 
@@ -420,7 +421,7 @@ class _ConfigMaps:
 
     def _error(self, exc: Any, verb: str, namespace: str, where: str) -> Exception:
         status = exc.status or 0
-        said = _status_message(exc.body)
+        said = status_message(exc.body)
         if status == 401:
             return Final(f"unauthorized: the Kubernetes API rejected InferWatch's credentials trying to "
                          f"{verb} {where} (is the service account token mounted and current?)")
@@ -438,16 +439,3 @@ class _ConfigMaps:
                              retry_after=wait)
         return Final(f"cannot {verb} {where}: the Kubernetes API answered {status}{said}")
 
-
-def _status_message(body: Any) -> str:
-    """The ``message`` of the API's Status object, for the end of an error message."""
-    try:
-        message = json.loads(body).get("message")
-    except (TypeError, ValueError, AttributeError):
-        message = None
-    return f"; the API said: {_short(message)}" if message else ""
-
-
-def _short(text: Any) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= 300 else text[:297] + "..."

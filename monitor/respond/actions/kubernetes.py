@@ -669,11 +669,11 @@ class _Cluster:
         except urllib3.exceptions.HTTPError as exc:
             # Timeouts, refused connections, TLS failures; their text names the host, never the token.
             raise Transient(f"cannot {verb} {where}: the Kubernetes API did not answer "
-                            f"({type(exc).__name__}: {_short(str(exc))})") from None
+                            f"({type(exc).__name__}: {short(str(exc))})") from None
 
     def _error(self, exc: Any, verb: str, resource: _Resource, namespace: str, where: str) -> Exception:
         status = exc.status or 0
-        said = _status_message(exc.body)
+        said = status_message(exc.body)
         headers = exc.headers or {}
         if status == 404:
             return Final(f"{where} not found")
@@ -693,15 +693,16 @@ class _Cluster:
         return Final(f"cannot {verb} {where}: the Kubernetes API answered {status}{said}")
 
 
-def _status_message(body: Any) -> str:
+def status_message(body: Any) -> str:
     """The ``message`` of the API's Status object, for the end of an error message."""
     try:
         message = json.loads(body).get("message")
     except (TypeError, ValueError, AttributeError):
         message = None
-    return f"; the API said: {_short(message)}" if message else ""
+    return f"; the API said: {short(message)}" if message else ""
 
 
-def _short(text: str) -> str:
+def short(text: Any) -> str:
+    """One line of at most 300 characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= 300 else text[:297] + "..."
