@@ -94,3 +94,29 @@ def test_alert_is_raised_then_resolved_in_a_real_alertmanager(tmp_path: Path, al
     finally:
         responder.stop()
         responder.journal.close()
+
+
+def test_an_incident_open_longer_than_the_ttl_keeps_its_alert_firing(tmp_path: Path, alertmanager: str) -> None:
+    books = write_playbooks(tmp_path / "books", f"""\
+        name: long
+        match: {{detector: probing}}
+        resolve: {{after: 1h}}
+        steps:
+          - {{id: alert, action: alertmanager, with: {{url: "{alertmanager}", ttl: 2s}}}}
+    """)
+    responder = Responder(books, Journal(tmp_path / "journal.sqlite"), Services(state_dir=tmp_path),
+                          metrics=Metrics()).start()
+    try:
+        [incident] = responder.handle(detection())
+        wait_for(lambda: responder.journal.step(incident, "alert")["state"] == "delivered", what="delivered")
+        first_end = responder.journal.step(incident, "alert")["detail"]["endsAt"]
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:  # the scheduler's tick, every few seconds in the daemon
+            responder.tick()
+            time.sleep(0.3)
+        assert responder.journal.step(incident, "alert")["detail"]["endsAt"] > first_end
+        [alert] = alerts(alertmanager)  # 4 s after it was first sent with a 2 s ttl: still firing
+        assert alert["labels"]["incident"] == incident and alert["status"]["state"] == "active"
+    finally:
+        responder.stop()
+        responder.journal.close()

@@ -37,7 +37,7 @@ from typing import Any, Callable
 from monitor.ops import logs
 from monitor.respond import delivery
 from monitor.respond import playbooks as pb
-from monitor.respond.actions.base import Final, Incident, Services, Transient
+from monitor.respond.actions.base import Action, Final, Incident, Services, Transient
 from monitor.respond.journal import Journal
 
 log = logging.getLogger("inferwatch.respond")
@@ -245,6 +245,7 @@ class Responder:
             for row in self.journal.quiet_incidents(book.name, now - book.resolve_after):
                 if self.journal.resolve(row["id"], f"quiet for {book.resolve_after:g} s", now):
                     self._after_resolve(row["id"], "quiet")
+        self._refresh_open(now)
         for name in self.journal.open_playbooks():
             if name not in self._books:  # removed before a restart: nothing left to run its steps with
                 for row in self.journal.quiet_incidents(name, now):
@@ -260,6 +261,24 @@ class Responder:
             counts = self.journal.counts()
             self.metrics.outbox_queued.set(counts.get("queued", 0))
             self.metrics.approvals_pending.set(len(self.journal.awaiting_approval()))
+
+    def _refresh_open(self, now: float) -> None:
+        """Notifications that need keeping alive while their incident is open (Alertmanager's endsAt)."""
+        for step_row in self.journal.delivered_in_open_incidents():
+            incident = self.journal.incident(step_row["incident_id"])
+            step = self._step(incident["playbook"], step_row) if incident else None
+            if step is None or type(step.action).refresh is Action.refresh or self._dry(incident):
+                continue
+            try:
+                params = step.render(self._context(incident))
+                detail = step.action.refresh(params, self._incident(incident), self.services, step_row["detail"] or {})
+            except (Transient, Final) as exc:
+                log.warning("incident %s step %s: keeping the alert alive failed (%s); tried again",
+                            incident["id"], step.id, logs.scrub(str(exc)))
+                continue
+            if detail is not None:
+                self.journal.set_step(incident["id"], step.id, "delivered", detail=detail, now=now,
+                                      expect=("delivered",))
 
     def _after_resolve(self, incident_id: str, why: str) -> None:
         incident = self.journal.incident(incident_id)

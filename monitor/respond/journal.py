@@ -245,6 +245,13 @@ class Journal:
         with self._tx() as db:
             return bool(db.execute(f"UPDATE steps SET {', '.join(sets)} WHERE {where}", args).rowcount)
 
+    def delivered_in_open_incidents(self) -> list[dict[str, Any]]:
+        rows = self._all("SELECT s.* FROM steps s JOIN incidents i ON i.id = s.incident_id "
+                         "WHERE i.state = 'open' AND s.state = 'delivered'")
+        for row in rows:
+            row["detail"] = json.loads(row["detail"]) if row["detail"] else None
+        return rows
+
     def awaiting_approval(self) -> list[dict[str, Any]]:
         return self._all("SELECT s.incident_id, s.step_id, s.action, s.started_at, i.playbook, i.key, i.detection "
                          "FROM steps s JOIN incidents i ON i.id = s.incident_id "

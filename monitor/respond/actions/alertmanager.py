@@ -3,8 +3,9 @@ again with ``endsAt`` set to now.
 
 Alertmanager considers an alert resolved once its ``endsAt`` passes, and gives one without
 ``endsAt`` only its ``resolve_timeout`` (5 minutes by default). Prometheus re-sends firing alerts to
-keep them alive; an incident here is sent once, so its ``endsAt`` is set ``ttl`` (default 24 h) ahead
-and the all-clear sets it to now. Labels identify the alert (Alertmanager's fingerprint): the
+keep them alive; here ``endsAt`` is set ``ttl`` (default 24 h) ahead and the alert is sent again
+(``refresh``) once less than half the ttl is left while the incident is open; the all-clear sets
+``endsAt`` to now. Labels identify the alert (Alertmanager's fingerprint): the
 incident id is one, so a retry or the all-clear addresses the same alert.
 """
 
@@ -66,6 +67,17 @@ class Alertmanager(Action):
     def run(self, params: AlertmanagerParams, incident: Incident, services: Services) -> dict[str, Any]:
         now = services.now() if services.now else time.time()
         return self._post(params, self._alert(params, incident, now + parse_duration(params.ttl)), services)
+
+    def refresh(self, params: AlertmanagerParams, incident: Incident, services: Services,
+                detail: dict[str, Any]) -> dict[str, Any] | None:
+        ttl = parse_duration(params.ttl)
+        try:
+            ends = datetime.fromisoformat(str(detail.get("endsAt")).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            ends = 0.0
+        if ends - services.now() > ttl / 2:
+            return None
+        return self.run(params, incident, services)
 
     def resolve(self, params: AlertmanagerParams, incident: Incident, services: Services) -> dict[str, Any] | None:
         if not params.resolve:

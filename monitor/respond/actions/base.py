@@ -108,6 +108,13 @@ class Action:
         """Send the all-clear for a notification sent by ``run``; None when the action has none."""
         return None
 
+    def refresh(self, params: Any, incident: Incident, services: Services,
+                detail: dict[str, Any]) -> dict[str, Any] | None:
+        """Keep a delivered notification alive while its incident stays open (called every few
+        seconds with what the last delivery reported); the new detail when it sent again, else None.
+        Transient or Final when sending failed (tried again at the next call)."""
+        return None
+
     def check(self, params: Any) -> None:
         """Checks beyond the types, at load time; raise ValueError with a message naming the field.
         Templated strings are not rendered yet: check only what cannot be a template."""
