@@ -45,7 +45,7 @@ import msgspec
 from monitor.config import parse_duration
 from monitor.respond.actions import base
 from monitor.respond.actions.base import Final, Incident, Services, Transient
-from monitor.respond.actions.kubernetes import short as _short, status_message
+from monitor.respond.actions.kubernetes import call_raw, short as _short, status_message
 from monitor.respond.actions.snapshot import atomic_file
 from monitor.respond.delivery import retry_after
 
@@ -400,24 +400,9 @@ class _ConfigMaps:
 
     def _call(self, verb: str, namespace: str, name: str, call: Callable[..., Any], *args: Any,
               none_on: int | None = None, **kwargs: Any) -> Any:
-        import urllib3
-        from kubernetes.client.exceptions import ApiException
-
         where = f"ConfigMap {namespace}/{name}"
-        try:
-            response = call(*args, _preload_content=False, _request_timeout=self._timeout, **kwargs)
-            try:
-                return json.loads(response.data or b"{}")
-            finally:
-                response.release_conn()
-        except ApiException as exc:
-            if exc.status == none_on:
-                return None
-            raise self._error(exc, verb, namespace, where) from None
-        except urllib3.exceptions.HTTPError as exc:
-            # Timeouts, refused connections, TLS failures; their text names the host, never the token.
-            raise Transient(f"cannot {verb} {where}: the Kubernetes API did not answer "
-                            f"({type(exc).__name__}: {_short(exc)})") from None
+        return call_raw(call, *args, verb=verb, where=where, timeout=self._timeout, none_on=none_on,
+                        error=lambda exc: self._error(exc, verb, namespace, where), **kwargs)
 
     def _error(self, exc: Any, verb: str, namespace: str, where: str) -> Exception:
         status = exc.status or 0

@@ -652,24 +652,9 @@ class _Cluster:
     def _call(self, verb: str, resource: _Resource, namespace: str, name: str | None,
               call: Callable[..., Any], *args: Any, none_on: int | None = None, **kwargs: Any) -> Any:
         """``call`` as raw JSON; None when the API answers ``none_on``, which the caller expects."""
-        import urllib3
-        from kubernetes.client.exceptions import ApiException
-
         where = f"{resource.kind} {namespace}/{name}" if name else f"{resource.plural} in namespace {namespace}"
-        try:
-            response = call(*args, _preload_content=False, _request_timeout=self._timeout, **kwargs)
-            try:
-                return json.loads(response.data or b"{}")
-            finally:
-                response.release_conn()
-        except ApiException as exc:
-            if exc.status == none_on:
-                return None
-            raise self._error(exc, verb, resource, namespace, where) from None
-        except urllib3.exceptions.HTTPError as exc:
-            # Timeouts, refused connections, TLS failures; their text names the host, never the token.
-            raise Transient(f"cannot {verb} {where}: the Kubernetes API did not answer "
-                            f"({type(exc).__name__}: {short(str(exc))})") from None
+        return call_raw(call, *args, verb=verb, where=where, timeout=self._timeout, none_on=none_on,
+                        error=lambda exc: self._error(exc, verb, resource, namespace, where), **kwargs)
 
     def _error(self, exc: Any, verb: str, resource: _Resource, namespace: str, where: str) -> Exception:
         status = exc.status or 0
@@ -691,6 +676,30 @@ class _Cluster:
             return Transient(f"cannot {verb} {where}: the Kubernetes API answered {status or 'nothing'}{said}",
                              retry_after=wait)
         return Final(f"cannot {verb} {where}: the Kubernetes API answered {status}{said}")
+
+
+def call_raw(call: Callable[..., Any], *args: Any, verb: str, where: str, timeout: Any,
+             error: Callable[[Any], Exception], none_on: int | None = None, **kwargs: Any) -> Any:
+    """A kubernetes client ``call`` as raw JSON (``_preload_content=False``: fields the client's models
+    do not know survive); None when the API answers ``none_on``; ``error`` maps any other API answer
+    to Transient or Final; no answer at all is Transient."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        response = call(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
+        try:
+            return json.loads(response.data or b"{}")
+        finally:
+            response.release_conn()
+    except ApiException as exc:
+        if exc.status == none_on:
+            return None
+        raise error(exc) from None
+    except urllib3.exceptions.HTTPError as exc:
+        # Timeouts, refused connections, TLS failures; their text names the host, never the token.
+        raise Transient(f"cannot {verb} {where}: the Kubernetes API did not answer "
+                        f"({type(exc).__name__}: {short(str(exc))})") from None
 
 
 def status_message(body: Any) -> str:
