@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,6 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from monitor.broker import free_port
 from monitor.ops.metrics import Metrics
 from monitor.respond.actions.base import Services
 from monitor.respond.engine import Responder
@@ -23,12 +23,6 @@ from tests.test_respond import detection, wait_for, write_playbooks
 BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 pytestmark = pytest.mark.skipif(BINARY is None, reason="needs Debian's prometheus-alertmanager "
                                                        "(apt-get install prometheus-alertmanager; .ci/run does)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -5,25 +5,21 @@ from __future__ import annotations
 
 import gzip
 import json
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
 from monitor.ops.metrics import Metrics
-from monitor.respond import playbooks as pb
 from monitor.respond.actions.base import Services
 from monitor.respond.engine import Responder
 from monitor.respond.journal import Journal
 from tests.contract_servers import WebhookServer
 from tests.k8s_fake import FakeKubernetes
 from tests.test_files_and_cli import ROOT, confidence_drop, inferwatch, jsonl
-from tests.test_respond import detection, wait_for, write_playbooks
+from tests.test_respond import detection, write_playbooks
 
 
 @pytest.fixture

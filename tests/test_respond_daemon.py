@@ -7,9 +7,8 @@ import json
 import signal
 import sqlite3
 import textwrap
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 import yaml

@@ -54,7 +54,7 @@ import numpy as np
 from monitor.detections import Detection, make_detection
 from monitor.detectors import Detector, ModelBatch, cusum, rank_cusum
 from monitor.detectors.clients import compared_rate, evict, group_by_client
-from monitor.detectors.drift import RECENT, SOON, Chart, ColumnGroup
+from monitor.detectors.drift import RECENT, Chart, ColumnGroup
 from monitor.detectors.rank_cusum import BINS
 
 log = logging.getLogger("inferwatch.detectors.resource")

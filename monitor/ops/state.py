@@ -7,12 +7,14 @@ directory belongs to the daemon and must not be writable by anyone else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 from monitor.errors import InferWatchError
 
@@ -38,13 +40,9 @@ class CheckpointStore:
         """Write ``state`` under ``name``; returns the seconds it took."""
         start = time.perf_counter()
         path = self.dir / f"{name}.pkl"
-        tmp = path.with_suffix(".pkl.tmp")
-        with open(tmp, "wb") as handle:
+        with atomic_file(path, 0o600) as handle:
             pickle.dump({"format": _FORMAT, "saved_at": time.time(), "state": state}, handle,
                         protocol=pickle.HIGHEST_PROTOCOL)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
         return time.perf_counter() - start
 
     def load(self, name: str) -> Any | None:
@@ -64,3 +62,32 @@ class CheckpointStore:
             log.warning("checkpoint %s has an unknown format; starting fresh", path)
             return None
         return saved["state"]
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int) -> Iterator[IO[bytes]]:
+    """A binary file written under a temporary name, fsynced and renamed over ``path`` on success, so
+    readers (and a crash) see the old file or the whole new one; removed on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)  # mkstemp's 0600, whatever the umask: the mode asked for exactly
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)  # the rename itself survives a power loss
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems refuse to open a directory; the data is synced
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

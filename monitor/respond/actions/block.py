@@ -43,10 +43,10 @@ from typing import Any, Callable
 import msgspec
 
 from monitor.config import parse_duration
+from monitor.ops.state import atomic_file
 from monitor.respond.actions import base
 from monitor.respond.actions.base import Final, Incident, Services, Transient
 from monitor.respond.actions.kubernetes import call_raw, short as _short, status_message
-from monitor.respond.actions.snapshot import atomic_file
 from monitor.respond.delivery import retry_after
 
 log = logging.getLogger("inferwatch.respond")

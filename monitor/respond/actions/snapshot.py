@@ -24,19 +24,17 @@ one instead of writing another, so a step run again after a crash leaves one sna
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Iterator, Literal
+from typing import IO, Any, Literal
 
 import msgspec
 
+from monitor.ops.state import atomic_file
 from monitor.respond.actions import base
 from monitor.respond.actions.base import Final, Incident, Services, Transient
 
@@ -136,26 +134,6 @@ def verify(manifest_path: str | Path) -> bool:
     return size == manifest.get("bytes") and digest.hexdigest() == manifest.get("sha256")
 
 
-@contextlib.contextmanager
-def atomic_file(path: Path, mode: int) -> Iterator[IO[bytes]]:
-    """A binary file written under a temporary name, fsynced and renamed over ``path`` on success, so
-    readers (and a crash) see the old file or the whole new one; removed on failure."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)  # mkstemp's 0600, whatever the umask: the mode asked for exactly
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a power loss
-
-
 class _Hashing:
     """A write-only file that hashes and counts what passes through it (the gzip stream's bytes)."""
 
@@ -222,12 +200,3 @@ def _make_dirs(folder: Path) -> None:
     for directory in reversed([folder, *folder.parents]):
         if not directory.exists():
             directory.mkdir(mode=DIR_MODE, exist_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # some file systems refuse to open a directory; the data is synced
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
