@@ -372,14 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
         gate = self.server_fake._held(self.command, self.path)
         if gate is not None:
             gate.wait(60)
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, body, headers)
 
     do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _serve
 
@@ -388,6 +381,18 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: Any, headers: dict[str, str]) -> None:
+    """Answer as the API server does: JSON with its length, and any extra headers (Retry-After)."""
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    for name, value in headers.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(data)
 
 def pod_template(labels: dict[str, str], image: str) -> dict[str, Any]:
     """A pod template as the API returns it (Go's null creationTimestamp included)."""

@@ -28,6 +28,7 @@ from monitor.respond.actions.block import BlockClient, configmap_key, expire
 from monitor.respond.actions.snapshot import Snapshot, verify
 from monitor.respond.ring import EventRing
 from tests.conftest import event
+from tests.k8s_fake import send_json
 
 T0 = 1_764_230_400.0
 CONFIGMAP_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
@@ -60,14 +61,7 @@ class FakeConfigMaps:
                     fake.requests.append((self.command, self.path, self.headers.get("Content-Type"), body))
                     status, answer, headers = fake.answer(self.command, self.path,
                                                           self.headers.get("Content-Type"), body)
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, answer, headers)
 
             do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = serve
 

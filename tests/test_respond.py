@@ -509,6 +509,18 @@ ISOLATE_THEN_HOOK = """\
 """
 
 
+def stopped_at_the_gate(tmp_path: Path, cluster: Any, hook: WebhookServer) -> tuple[Path, str, Responder]:
+    """An incident whose isolation awaits approval, and the responder that opened it, stopped (its
+    journal still open) as a crash would leave it."""
+    books = write_playbooks(tmp_path / "books", ISOLATE_THEN_HOOK.replace("APPROVAL", "approval: required,")
+                            .replace("HOOK", hook.url))
+    first = cluster_responder(tmp_path, books, cluster).start()
+    [incident] = first.handle(detection())
+    wait_for(lambda: first.journal.step(incident, "isolate")["state"] == "awaiting_approval", what="the gate")
+    first.stop()
+    return books, incident, first
+
+
 def test_closing_an_incident_stops_its_playbook_between_steps(tmp_path: Path, cluster: Any,
                                                               hook: WebhookServer) -> None:
     books = write_playbooks(tmp_path / "books", ISOLATE_THEN_HOOK.replace("APPROVAL ", "").replace("HOOK", hook.url))
@@ -531,12 +543,8 @@ def test_closing_an_incident_stops_its_playbook_between_steps(tmp_path: Path, cl
 
 def test_an_approval_given_just_before_a_crash_is_not_lost(tmp_path: Path, cluster: Any,
                                                            hook: WebhookServer) -> None:
-    books = write_playbooks(tmp_path / "books", ISOLATE_THEN_HOOK.replace("APPROVAL", "approval: required,")
-                            .replace("HOOK", hook.url))
-    first = cluster_responder(tmp_path, books, cluster).start()
-    [incident] = first.handle(detection())
-    wait_for(lambda: first.journal.step(incident, "isolate")["state"] == "awaiting_approval", what="the gate")
-    first.stop()  # the workers are gone: the approval below is recorded and nobody acts on it
+    books, incident, first = stopped_at_the_gate(tmp_path, cluster, hook)
+    # the workers are gone: the approval below is recorded and nobody acts on it
     assert first.decide(incident, "isolate", approve=True, who="alice")[0]
     first.journal.close()
     second = cluster_responder(tmp_path, books, cluster).start()
@@ -550,12 +558,7 @@ def test_an_approval_given_just_before_a_crash_is_not_lost(tmp_path: Path, clust
 
 def test_a_step_changed_by_a_reload_before_a_restart_is_not_run_on_an_old_approval(
         tmp_path: Path, cluster: Any, hook: WebhookServer) -> None:
-    books = write_playbooks(tmp_path / "books", ISOLATE_THEN_HOOK.replace("APPROVAL", "approval: required,")
-                            .replace("HOOK", hook.url))
-    first = cluster_responder(tmp_path, books, cluster).start()
-    [incident] = first.handle(detection())
-    wait_for(lambda: first.journal.step(incident, "isolate")["state"] == "awaiting_approval", what="the gate")
-    first.stop()
+    books, incident, first = stopped_at_the_gate(tmp_path, cluster, hook)
     first.journal.close()
     text = (books / "book.yaml").read_text().replace("k8s_isolate,", "k8s_rollback,")
     (books / "book.yaml").write_text(text)
@@ -574,12 +577,7 @@ def test_a_step_changed_by_a_reload_before_a_restart_is_not_run_on_an_old_approv
 
 def test_a_dry_run_switched_on_at_a_restart_holds_open_incidents(tmp_path: Path, cluster: Any,
                                                                  hook: WebhookServer) -> None:
-    books = write_playbooks(tmp_path / "books", ISOLATE_THEN_HOOK.replace("APPROVAL", "approval: required,")
-                            .replace("HOOK", hook.url))
-    first = cluster_responder(tmp_path, books, cluster).start()
-    [incident] = first.handle(detection())
-    wait_for(lambda: first.journal.step(incident, "isolate")["state"] == "awaiting_approval", what="the gate")
-    first.stop()
+    books, incident, first = stopped_at_the_gate(tmp_path, cluster, hook)
     first.journal.close()
     second = cluster_responder(tmp_path, books, cluster, dry_run=True).start()
     try:
