@@ -1,0 +1,1 @@
+"""inferwatch replay: the detect and respond code over history, and its forensic report."""
