@@ -237,6 +237,17 @@ def test_values_schema_rejects_a_wrong_value_naming_it(values, complaint):
     assert complaint in str(raised.value)
 
 
+def test_values_schema_allows_every_config_section():
+    """The schema closes `config` to catch a misspelt section; a section the daemon gains must be added."""
+    import msgspec
+
+    from monitor.config import Config
+
+    sections = {field.encode_name for field in msgspec.structs.fields(Config)} - {"source"}  # source: not YAML
+    allowed = set(chart().schema["properties"]["config"]["properties"])
+    assert sections - allowed == set()
+
+
 @pytest.mark.parametrize("values, complaint", [
     ({"persistence": {"enabled": True}, "stages": {"all": {"replicas": 2}}}, "stages.all.replicas"),
     ({"kafka": {"sasl": {"enabled": True}}}, "kafka.sasl.existingSecret"),
