@@ -176,6 +176,17 @@ class Respond(Base):
     snapshot_events: PositiveInt = 1000  # events kept per model and per client for evidence snapshots
 
 
+class EventTime(Base):
+    """How a model's events are cut into the batches its detectors read (DESIGN §1, "Batches")."""
+    # Detectors read each model's events one tick of event time at a time ("1s"), so the batches, and
+    # so the detections, are the same whatever the polls were: live, after a restart, in a replay.
+    # null: batches as polled (a little sooner, but detections then depend on poll sizes).
+    tick: Duration | None = "1s"
+    # The newest tick of a model waits for an event of a later tick; after this long without one
+    # (wall-clock) it is read anyway.
+    flush_after: Duration = "5s"
+
+
 class Config(Base):
     kafka: Kafka = msgspec.field(default_factory=Kafka)
     models: Models = msgspec.field(default_factory=Models)
@@ -184,6 +195,7 @@ class Config(Base):
         default_factory=lambda: {"drift": {}}
     )
     limits: Limits = msgspec.field(default_factory=Limits)
+    event_time: EventTime = msgspec.field(default_factory=EventTime)
     http: Http = msgspec.field(default_factory=Http)
     state: State = msgspec.field(default_factory=State)
     jobs: Jobs = msgspec.field(default_factory=Jobs)
@@ -313,6 +325,10 @@ def _check_semantics(config: Config) -> None:
     if _duration(where, "$.kafka.ack_timeout", config.kafka.ack_timeout) <= 0:
         raise ConfigError(f"{where}: $.kafka.ack_timeout: expected more than 0s")
     _check_jobs(config)
+    if config.event_time.tick is not None and _duration(where, "$.event_time.tick", config.event_time.tick) <= 0:
+        raise ConfigError(f"{where}: $.event_time.tick: expected more than 0s, or null for batches as polled")
+    if _duration(where, "$.event_time.flush_after", config.event_time.flush_after) <= 0:
+        raise ConfigError(f"{where}: $.event_time.flush_after: expected more than 0s")
     for key in ("http_timeout", "outbox_max_age", "journal_retention"):
         if _duration(where, f"$.respond.{key}", getattr(config.respond, key)) <= 0:
             raise ConfigError(f"{where}: $.respond.{key}: expected more than 0s")

@@ -29,6 +29,7 @@ from monitor.ops.scheduler import Jobs
 from monitor.ops.state import CheckpointStore
 from monitor.pipeline import BatchResult, Pipeline
 from monitor.publish import FileOutputs, KafkaOutputs, PublishError, Spool
+from monitor.sources.kafka import next_offsets
 
 log = logging.getLogger("inferwatch.daemon")
 
@@ -77,6 +78,8 @@ class DetectDaemon:
         self._detections_out = detections_out
         self._dead_letters_out = dead_letters_out
         self._ready_reason = "starting"
+        self._read_up_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after the last read
+        self.flush_after = seconds(config.event_time.flush_after)
         self._last_loop = time.monotonic()
         self._stopped_at: float | None = None
         self.jobs = Jobs(self.metrics)
@@ -164,7 +167,10 @@ class DetectDaemon:
                 self.outputs.close()
             if self.http:
                 self.http.stop()
-        log.info("stopped after %d events", self.processed)
+        held = self.pipeline.held()
+        log.info("stopped after %d events", self.processed - held)
+        if held:
+            log.info("%d events of an unfinished tick were not processed; they are read again after a restart", held)
         return 0
 
     # -- respond stage -------------------------------------------------------------------------
@@ -292,6 +298,8 @@ class DetectDaemon:
             if self.stopping.is_set():
                 log.info("stopping before the end of the input")
                 break
+        else:
+            self.outputs.publish(self.pipeline.flush())  # the input is read: its last ticks are complete
         self._checkpoint("end of input")
         if self.respond is not None:
             # The input is read; let the playbooks' steps and notifications finish before stopping.
@@ -350,9 +358,11 @@ class DetectDaemon:
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
         self._set_ready("ok")
-        last_lag, delivered = 0.0, True
+        last_lag, delivered, caught_up = 0.0, True, False
         while not self.stopping.is_set():
             self._last_loop = time.monotonic()
+            if self.pipeline.held() and not self._flush_idle(time.monotonic() - self.flush_after, caught_up):
+                break
             found = self._run_jobs(due)
             if found and not self._retrying("publishing outputs", lambda: self.outputs.publish(BatchResult(detections=found)),
                                             self.metrics.publish_failures):
@@ -368,6 +378,7 @@ class DetectDaemon:
             if now - last_lag > 1.0:
                 self.source.update_lag()
                 last_lag = now
+            caught_up = not records
             if not records:
                 reachable = self.source.broker_reachable()
                 self.metrics.broker_up.set(1 if reachable else 0)
@@ -427,12 +438,41 @@ class DetectDaemon:
             return False
         timeout = seconds(self.config.kafka.ack_timeout)
 
+        offsets = self._committable(next_offsets(records))
+
         def commit() -> None:
             # Asynchronous: the next poll overlaps it; a stop ends with _final_commit, synchronous.
             try:
-                self.source.commit(records, timeout, sync=False)
+                self.source.commit_offsets(offsets, timeout, sync=False)
             except CommitFailedError:
                 # The group rebalanced away from us: the new owner re-reads from the last commit.
                 log.warning("commit refused after a rebalance; %d events will be redelivered", len(records))
+
+        return self._retrying("committing offsets", commit, self.metrics.commit_failures)
+
+    def _committable(self, read: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """The offsets to commit for the partitions in ``read`` (the offsets after the records read
+        there): a commit stops before the first event still held for its tick, which a restart reads again."""
+        self._read_up_to.update(read)
+        floor = self.pipeline.held_floor()
+        self.metrics.events_held.set(self.pipeline.held())
+        return {key: min(offset, floor.get(key, offset)) for key, offset in read.items()}
+
+    def _flush_idle(self, idle_since: float, caught_up: bool) -> bool:
+        """Run the held ticks of models idle since ``idle_since``, publish what they found and commit
+        their partitions; False when a stop's grace ran out first."""
+        before = self.pipeline.held_floor()
+        result = self.pipeline.flush(idle_since, caught_up)
+        if not result.processed and not result.dead_letters:
+            return True
+        if not self._retrying("publishing outputs", lambda: self.outputs.publish(result), self.metrics.publish_failures):
+            return False
+        offsets = self._committable({key: self._read_up_to[key] for key in before if key in self._read_up_to})
+
+        def commit() -> None:
+            try:
+                self.source.commit_offsets(offsets, seconds(self.config.kafka.ack_timeout), sync=False)
+            except CommitFailedError:
+                log.warning("commit refused after a rebalance; the last tick's events will be redelivered")
 
         return self._retrying("committing offsets", commit, self.metrics.commit_failures)

@@ -5,14 +5,14 @@ come detections and dead letters. No I/O here: the daemon and replay feed it and
 from __future__ import annotations
 
 import itertools
-
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 import numpy as np
 
-from monitor.config import Config
+from monitor.config import Config, seconds
 from monitor.detections import Detection
 from monitor.detectors import Detector, ModelBatch, registry
 from monitor.events import DeadLetter, EventDecoder, invalid_utf8, utf8_error
@@ -68,6 +68,15 @@ class Pipeline:
         self._overflow = ModelRoute(OTHER_MODEL, [], OTHER_MODEL)
         self._warned_limit = False
         self._untracked: dict[tuple[str, str], int] = {}  # per (model, detector): untracked queries exported
+        # Detectors read a model's events one tick of event time at a time; the newest tick is held
+        # (events, records, monotonic time and batch number of the last arrival) until a later one
+        # starts or ``flush``.
+        tick = config.event_time.tick
+        self.tick = None if tick is None else seconds(tick)
+        self._held: dict[str, tuple[list[Any], list[RawRecord], float, int]] = {}
+        self._batches = 0  # batches processed: a model is idle once one came without its events
+        # Called after each batch a model's detectors read, with its route and batch (replay's figures).
+        self.after_batch: Any = None
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -115,6 +124,7 @@ class Pipeline:
         batch become ``processing_failed`` dead letters. Nothing is processed twice, and one message
         cannot stop the stream on every restart."""
         records = records if isinstance(records, list) else list(records)
+        self._batches += 1
         try:
             grouped, dead = self._decode(records)
         except Exception:
@@ -174,17 +184,22 @@ class Pipeline:
                 grouped[model] = ([events[i] for i in keep], [recs[i] for i in keep])
         return grouped, dead
 
-    def _detect(self, grouped: dict[str, tuple[list[Any], list[RawRecord]]], dead: list[DeadLetter]) -> BatchResult:
+    def _detect(self, grouped: dict[str, tuple[list[Any], list[RawRecord]]], dead: list[DeadLetter],
+                hold: bool = True) -> BatchResult:
         result = BatchResult(dead_letters=dead)
         m = self.metrics
         for model, (events, records) in grouped.items():
+            held = self._held.pop(model, None)
+            if held is not None:
+                events, records = held[0] + events, held[1] + records
             if not events:
                 continue
             try:
-                self._detect_model(model, events, records, result)
+                self._detect_model(model, events, records, result, hold)
             except Exception as exc:
                 log.exception("the detection step failed on %d events of model %s; dead-lettered", len(events), model)
                 m.detector_errors.labels("pipeline").inc()
+                self._held.pop(model, None)  # dead-lettered below with the rest
                 dead.extend(DeadLetter.of(r, "processing_failed", f"{type(exc).__name__}: {exc}"[:500])
                             for r in records)
         if len(dead) > 1:
@@ -193,10 +208,11 @@ class Pipeline:
             m.dead_letters.labels(letter.reason).inc()
         if dead:
             m.events.labels(NO_MODEL, "dead_letter").inc(len(dead))
-        result.detections.sort(key=lambda d: d.ts)
+        result.detections.sort(key=lambda d: (d.ts, d.detection_id))
         return result
 
-    def _detect_model(self, model: str, events: list[Any], records: list[RawRecord], result: BatchResult) -> None:
+    def _detect_model(self, model: str, events: list[Any], records: list[RawRecord], result: BatchResult,
+                      hold: bool) -> None:
         m = self.metrics
         route = self.routes.get(model, False)
         if route is False:
@@ -207,7 +223,20 @@ class Pipeline:
         if route.label == OTHER_MODEL:
             m.events.labels(OTHER_MODEL, "untracked").inc(len(events))
             return
+        if self.tick is None:
+            self._run_detectors(route, in_event_time_order(ModelBatch(model, events, records)), result)
+            return
         batch = in_event_time_order(ModelBatch(model, events, records))
+        ticks = np.floor(batch.ts / self.tick)
+        newest = len(ticks)
+        if hold:
+            newest = int(np.searchsorted(ticks, ticks[-1]))  # where the newest tick starts
+            self._held[model] = (batch.events[newest:], batch.records[newest:], time.monotonic(), self._batches)
+        for lo, hi in _runs(ticks[:newest]):
+            self._run_detectors(route, ModelBatch(model, batch.events[lo:hi], batch.records[lo:hi]), result)
+
+    def _run_detectors(self, route: ModelRoute, batch: ModelBatch, result: BatchResult) -> None:
+        m = self.metrics
         found_all = []
         for detector in route.detectors:
             try:
@@ -215,7 +244,7 @@ class Pipeline:
             except Exception:
                 # A detector bug must not stop the stream or lose the batch's other results.
                 log.exception("detector %s failed on a batch of %d events of model %s",
-                              detector.name, len(events), model)
+                              detector.name, len(batch), route.model)
                 m.detector_errors.labels(detector.name).inc()
                 continue
             found_all.extend(found)
@@ -226,7 +255,7 @@ class Pipeline:
                 m.clients_untracked.labels(*key).inc(max(0, untracked - self._untracked.get(key, 0)))
                 self._untracked[key] = untracked
         # metrics last: a failure above leaves them untouched (the events become dead letters instead)
-        route.events += len(events)
+        route.events += len(batch)
         batch_ts = float(batch.ts[-1])
         if batch_ts > route.last_ts:
             route.last_ts = batch_ts
@@ -234,8 +263,43 @@ class Pipeline:
         for d in found_all:
             m.detections.labels(route.label, d.detector, d.kind, d.severity).inc()
         result.detections.extend(self._labelled(found_all))
-        m.events.labels(route.label, "processed").inc(len(events))
-        result.processed += len(events)
+        m.events.labels(route.label, "processed").inc(len(batch))
+        result.processed += len(batch)
+        if self.after_batch is not None:
+            self.after_batch(route, batch)
+
+    # -- ticks of event time -------------------------------------------------------------------
+
+    def flush(self, idle_since: float | None = None, caught_up: bool = False) -> BatchResult:
+        """Run the held newest tick of every model idle since ``idle_since`` (``time.monotonic()``
+        seconds; None: every model, at the end of the input). Idle: no new event of the model since
+        then, and a batch has come without any (or ``caught_up``: the last poll found nothing). While a
+        backlog is read every batch holds every busy model, however slowly it is read, so no tick of
+        one is cut by the wall clock."""
+        result = BatchResult()
+        for model, (_, _, arrived, batch) in list(self._held.items()):
+            if idle_since is not None and (arrived > idle_since or (batch == self._batches and not caught_up)):
+                continue
+            part = self._detect({model: ([], [])}, [], hold=False)
+            result.detections.extend(part.detections)
+            result.dead_letters.extend(part.dead_letters)
+            result.processed += part.processed
+        result.detections.sort(key=lambda d: (d.ts, d.detection_id))
+        return result
+
+    def held(self) -> int:
+        """Events waiting for their model's newest tick to complete."""
+        return sum(len(held[0]) for held in self._held.values())
+
+    def held_floor(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> the lowest offset still held there: a commit must stop before it."""
+        floor: dict[tuple[str, int], int] = {}
+        for held in self._held.values():
+            for r in held[1]:
+                key = (r.topic, r.partition)
+                if r.offset < floor.get(key, r.offset + 1):
+                    floor[key] = r.offset
+        return floor
 
     # -- scheduled work ------------------------------------------------------------------------
 
@@ -243,7 +307,7 @@ class Pipeline:
         """The ``evict_idle_clients`` job: each per-client detector forgets the clients idle for longer
         than its ``client_idle``, in the event time of its model's newest event. Returns how many."""
         gone = 0
-        for route in self._routes():
+        for route in self.watched():
             for detector in route.detectors:
                 gone += detector.evict_idle(route.last_ts)
                 if (counts := detector.client_counts()) is not None:
@@ -253,7 +317,7 @@ class Pipeline:
     def refresh_references(self) -> dict[str, list[str]]:
         """The ``reference_refresh`` job: model -> versions whose resource baselines were rebuilt."""
         out = {}
-        for route in self._routes():
+        for route in self.watched():
             for detector in route.detectors:
                 refresh = getattr(detector, "refresh", None)
                 if refresh is not None and (rebuilt := refresh()):
@@ -282,7 +346,7 @@ class Pipeline:
                 d.labels = self.config.model_labels(d.model)
         return detections
 
-    def _routes(self) -> list[ModelRoute]:
+    def watched(self) -> list[ModelRoute]:
         return [r for r in self.routes.values() if r is not None and r.label != OTHER_MODEL]
 
     # -- state ---------------------------------------------------------------------------------
@@ -299,9 +363,17 @@ class Pipeline:
         return [
             {"model": r.model, "events": r.events, "last_event_ts": r.last_ts,
              "detectors": [d.describe() for d in r.detectors]}
-            for r in self._routes()
+            for r in self.watched()
         ]
 
+
+
+def _runs(ticks: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal values in the sorted ``ticks``."""
+    if len(ticks) == 0:
+        return []
+    edges = (np.flatnonzero(ticks[1:] != ticks[:-1]) + 1).tolist()
+    return list(zip([0] + edges, edges + [len(ticks)]))
 
 
 def in_event_time_order(batch: ModelBatch) -> ModelBatch:

@@ -51,6 +51,7 @@ def worked_metrics() -> Metrics:
     credit = pipeline.routes["credit"].detectors[0]
     credit.update = lambda batch: 1 / 0  # a detector bug, to count
     pipeline.process([FileRecord(json.dumps({**events[-2], "event_id": "y"}).encode(), None, "logs", 0, 0, None)])
+    pipeline.flush()  # the end of the input: the newest ticks run too
     jobs = Jobs(metrics)
     jobs.done("checkpoint", True)
     jobs.done("checkpoint", False)

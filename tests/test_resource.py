@@ -320,6 +320,7 @@ def test_idle_clients_are_evicted_by_every_per_client_detector(traffic):
         rec.value, rec.key, rec.timestamp = json.dumps(e).encode(), None, None
         records.append(rec)
     pipeline.process(records)
+    pipeline.flush()
     route = pipeline.routes["digits"]
     assert all(d.client_counts()[0] > 0 for d in route.detectors)
     assert pipeline.evict_idle() == 0  # nobody idle yet in event time

@@ -34,6 +34,9 @@ class Metrics:
         self.consumer_lag = Gauge(
             "inferwatch_consumer_lag", "Messages between the partition's high watermark and the consumer position",
             ["topic", "partition"], registry=r)
+        self.events_held = Gauge(
+            "inferwatch_events_held", "Events waiting for their model's newest tick of event time to complete "
+            "(event_time.tick)", registry=r)
         self.last_event_ts = Gauge(
             "inferwatch_last_event_timestamp_seconds", "Event time of the newest event seen, per model",
             ["model"], registry=r)

@@ -227,6 +227,12 @@ class ProcessSource:
         raise ChildFailed("no answer to a commit from the consumer process")
 
     def commit(self, records: Sequence[Any], timeout: float = 10.0, sync: bool = True) -> None:
+        self.commit_offsets(next_offsets(records), timeout, sync)
+
+    def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0, sync: bool = True) -> None:
+        """Commit (topic, partition) -> next offset to read, through the consumer process."""
+        if not offsets:
+            return
         if not self.process.is_alive():
             # Its partitions go to the next consumer, which re-reads from the last commit: these
             # events are processed again rather than committed by a consumer that no longer exists.
@@ -234,8 +240,8 @@ class ProcessSource:
             return
         ack = next(self._acks)
         try:
-            offsets = [[t, p, o] for (t, p), o in next_offsets(records).items()]
-            self._conn.send_bytes(_encoder.encode(("commit", offsets, sync, ack)))
+            wire = [[t, p, o] for (t, p), o in offsets.items()]
+            self._conn.send_bytes(_encoder.encode(("commit", wire, sync, ack)))
         except OSError as exc:
             raise ChildFailed(f"the consumer process is gone: {exc}") from None
         if sync:
