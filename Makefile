@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-alibi bench bench-drift bench-probing bench-resource clean
+.PHONY: install demo test test-alibi bench bench-drift bench-probing bench-resource bench-replay clean
 
 install: $(STAMP)
 
@@ -45,6 +45,9 @@ bench-probing: install
 
 bench-resource: install
 	$(BIN)/python bench/resource_quality.py
+
+bench-replay: install
+	$(BIN)/python bench/replay.py
 
 clean:
 	rm -rf $(VENV) $(ALIBI_VENV) build *.egg-info .pytest_cache

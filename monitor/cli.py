@@ -27,6 +27,9 @@ examples:
   inferwatch playbooks test -p playbooks --detection d.json  which playbooks match, which steps would run
   inferwatch pending                                         steps awaiting approval (INFERWATCH_ADMIN_TOKEN)
   inferwatch approve INCIDENT STEP --by alice                approve one (reject: the same with reject)
+  inferwatch replay -c configs/inferwatch.yaml --input logs/*.jsonl.gz --report r.json --html r.html
+  inferwatch replay -c configs/inferwatch.yaml --topic inference-logs --from 2025-11-27T08:00:00Z \
+                    --to 2025-11-27T09:00:00Z --client mallory --report r.json   forensics on Kafka's history
   inferwatch demo --duration 60                              everything on an embedded broker
 
 docs: README.md; metrics at http://HOST:9108/metrics (port: http.port or --http-port)
@@ -118,6 +121,37 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="playbooks show the steps they would run and run none (respond.dry_run)")
 
+    replay = sub.add_parser(
+        "replay", help="run the detectors and the playbooks (dry run) over history; write a forensic report",
+        description="Reads history from files (--input) or a Kafka topic (--topic, without a consumer group: "
+                    "no live group's offsets move), runs the same detectors on event time and matches the "
+                    "playbooks in a dry run (cooldowns and quiet periods in event time), and writes a JSON "
+                    "report (detections, what each playbook step would have done, figures over time, input "
+                    "digests) and optionally a self-contained HTML report. The same inputs and config give "
+                    "the same report, byte for byte. A progress bar shows on a terminal.")
+    replay.add_argument("-c", "--config", metavar="FILE", help="config file (YAML): detectors, playbooks, Kafka")
+    source = replay.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", metavar="FILE", nargs="+",
+                        help="JSONL or JSONL.gz files, globs, - for stdin (read in the order given)")
+    source.add_argument("--topic", metavar="NAME", help="a Kafka topic (the config's brokers, or --bootstrap)")
+    replay.add_argument("--bootstrap", metavar="HOST:PORT[,HOST:PORT]", help="override kafka.bootstrap_servers")
+    replay.add_argument("--from", dest="start", metavar="WHEN",
+                        help="start: RFC 3339 (2025-11-27T08:00:00Z), epoch seconds, or with --topic offsets "
+                             "per partition (0:1200,1:1180); inclusive")
+    replay.add_argument("--to", dest="end", metavar="WHEN", help="end, as --from; inclusive")
+    replay.add_argument("--model", metavar="NAME", action="append", default=[],
+                        help="only this model (a glob; repeat for more)")
+    replay.add_argument("--client", metavar="ID", action="append", default=[],
+                        help="only this client's events (a glob; repeat for more)")
+    replay.add_argument("-p", "--playbooks", metavar="DIR",
+                        help="playbooks to match (default: respond.playbooks of the config)")
+    replay.add_argument("--no-playbooks", action="store_true", help="detections only")
+    replay.add_argument("--report", metavar="OUT.json", help="write the JSON report here (- for stdout)")
+    replay.add_argument("--html", metavar="OUT.html", help="write the HTML report here")
+    replay.add_argument("--dead-letters", metavar="FILE", help="write the dead letters here (JSON lines)")
+    replay.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="WARNING",
+                        help="log level (default WARNING: the progress bar and the summary say the rest)")
+
     check = sub.add_parser("check", help="validate a config file and its playbooks; exit 2 with the reason "
                                          "when invalid")
     check.add_argument("-c", "--config", metavar="FILE", help="config file to check")
@@ -168,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command is None:
         parser().print_usage(sys.stderr)
-        print("inferwatch: error: a command is needed: run, check, demo, playbooks, pending, approve or "
-              "reject (inferwatch --help explains them)", file=sys.stderr)
+        print("inferwatch: error: a command is needed: run, replay, check, demo, playbooks, pending, approve "
+              "or reject (inferwatch --help explains them)", file=sys.stderr)
         return 2
     try:
         if args.command == "check":
@@ -187,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_admin(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "replay":
+            from monitor.replay.cli import cmd_replay
+
+            return cmd_replay(args)
         if args.command == "demo":
             from monitor.demo.run import run_demo
 

@@ -126,8 +126,22 @@ class TrafficGenerator:
             if spare > 0:
                 self.stop.wait(spare)
 
-    def _emit(self, n: int) -> None:
-        now = time.time()
+    def simulate(self, start: float = 1_764_230_400.0) -> None:
+        """The same plan in simulated time, as fast as ``send`` takes it: event times run from ``start``
+        (2025-11-27T08:00:00Z) in ticks of 50 ms. The same seed gives the same events, for files
+        to replay (``inferwatch demo --write``)."""
+        tick = 0.05
+        per_tick = max(1, int(self.plan.rate * tick))
+        for n in range(int(self.plan.duration / tick)):
+            elapsed = n * tick
+            for incident in self.plan.incidents:
+                if not incident.started and elapsed >= incident.at * self.plan.duration:
+                    incident.started = True
+                    self.on_incident(incident.name)
+            self._emit(per_tick, start + elapsed)
+
+    def _emit(self, n: int, now: float | None = None) -> None:
+        now = time.time() if now is None else now
         n_digits = n * 2 // 3
         self._batch(self.models["digits"], n_digits, now)
         self._batch(self.models["cancer"], n - n_digits, now)

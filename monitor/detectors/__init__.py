@@ -176,6 +176,11 @@ class Detector:
     def restore(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    def report_figures(self, batch: ModelBatch) -> dict[str, Any]:
+        """Where the detector stands after reading ``batch``, as a few numbers for the replay report's
+        plots (see docs/replay-report.md); None where it is still learning. Not called live."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """What the detector watches and where it stands, for people (status, /api)."""
         return {"detector": self.name, "model": self.model, "params": msgspec.to_builtins(self.params)}

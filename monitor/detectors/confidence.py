@@ -317,6 +317,16 @@ class LowConfidence(Detector):
         """client -> (events, low-confidence marks, CUSUM statistic)."""
         return {c: (st.events, st.marks, st.statistic) for c, st in self.clients.items()}
 
+    def report_figures(self, batch: ModelBatch) -> dict[str, Any]:
+        """The batch's share of low-confidence predictions, the reference share and the share the
+        model's chart is tuned to detect."""
+        if self.h is None:
+            return {"low_confidence_rate": None, "low_confidence_reference": None, "low_confidence_alarm": None}
+        scores = self._scores(batch)
+        scores = scores[~np.isnan(scores)]
+        rate = float((scores < self.bound).mean()) if scores.size else None
+        return {"low_confidence_rate": rate, "low_confidence_reference": self.p0, "low_confidence_alarm": self.p1}
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         top = sorted(self.clients.items(), key=lambda kv: -kv[1].statistic)[:10]

@@ -180,6 +180,7 @@ class ColumnGroup:
         self._push(values)
         self.seen += len(values)
         self.alarms += len(found)
+        self.last_excess = max((excess for _, _, excess in found.values()), default=0.0)
         return [(j, c, index, excess) for j, (c, index, excess) in sorted(found.items(), key=lambda kv: kv[1][1])]
 
     def quiet(self, columns: list[int], until: int) -> None:
@@ -743,6 +744,19 @@ class Drift(Detector):
                       "labelled_events": events, "method": "ADWIN",
                       "event_ids": [e.event_id for e in batch.events[max(0, index - 9): index + 1]]},
             source={"topic": topic, "partition": partition, "offset": offset})
+
+    def report_figures(self, batch: ModelBatch) -> dict[str, Any]:
+        """The largest chart statistic over its threshold at the end of the batch (1 at an alarm), or
+        the excess of an alarm in the batch (its chart restarted at 0 after it), over every column."""
+        if not self.built:
+            return {"drift": None}
+        largest = 0.0
+        for group in self.groups.values():
+            largest = max(largest, getattr(group, "last_excess", 0.0))
+            if group.charts:
+                h = np.asarray([c.h for c in group.charts], dtype=np.float64)[:, None]
+                largest = max(largest, float((group.statistics / h).max()))
+        return {"drift": largest}
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

@@ -653,6 +653,15 @@ class Probing(Detector):
             source={"topic": topic, "partition": partition, "offset": offset},
         )
 
+    def report_figures(self, batch: ModelBatch, top: int = 10) -> dict[str, Any]:
+        """The risk (largest signal over its threshold: 1 at an alarm) of the riskiest tracked clients."""
+        table = self.clients
+        if table is None:
+            return {"client_risk": None}
+        risk = table.evidence.max(axis=1)
+        slots = [s for s in np.argsort(-risk, kind="stable")[: 4 * top].tolist() if table.ids[s] is not None][:top]
+        return {"client_risk": {table.ids[s]: round(float(risk[s]), 4) for s in slots}}
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         table = self.clients

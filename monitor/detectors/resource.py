@@ -913,6 +913,15 @@ class Resource(Detector):
     def client_counts(self) -> tuple[int, int]:
         return len(self.clients), 0
 
+    def report_figures(self, batch: ModelBatch) -> dict[str, Any]:
+        """The latency baseline (median) of the batch's version, and the median a reported rise needs."""
+        version = self.versions.get(batch.model_version or "")
+        baseline = version.baseline if version is not None else None
+        if baseline is None or "latency_ms" not in baseline.groups:
+            return {"latency_baseline_median": None, "latency_threshold": None}
+        median = baseline.median("latency_ms")
+        return {"latency_baseline_median": median, "latency_threshold": median * self.params.min_ratio}
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         versions = {}

@@ -70,6 +70,13 @@ def _time(ts: float | None) -> str:
     return f"<time>{_utc(ts)}</time>"
 
 
+def _bound(value: Any) -> str:
+    """A replay bound: an event time, or offsets per partition."""
+    if isinstance(value, dict):
+        return "offsets " + _e(", ".join(f"{p}:{o}" for p, o in sorted(value.items())))
+    return _time(value)
+
+
 def _e(value: Any) -> str:
     return "—" if value is None else escape(str(value))
 
@@ -104,11 +111,11 @@ def _header(report: dict[str, Any]) -> str:
         ("playbooks", f"{_e(playbooks.get('path'))} loaded: {_e(', '.join(playbooks.get('loaded') or []) or 'none')}"
                       f"<br><code class=hash>sha256 {_e(playbooks.get('sha256'))}</code>"),
         ("time range (UTC)", f"{_time(time_range.get('first'))} to {_time(time_range.get('last'))}"),
-        ("filters", f"from {_time(filters.get('from'))}, to {_time(filters.get('to'))}, "
+        ("filters", f"from {_bound(filters.get('from'))}, to {_bound(filters.get('to'))}, "
                     f"models: {_e(', '.join(filters.get('models') or []) or 'all')}, "
                     f"clients: {_e(', '.join(filters.get('clients') or []) or 'all')}"),
         ("events", ", ".join(f"{name.replace('_', ' ')}: {_e(events.get(name))}" for name in
-                             ("read", "in_range", "filtered_out", "processed", "dead_lettered"))),
+                             ("read", "filtered_out", "not_watched", "processed", "dead_lettered"))),
         ("dead letters by reason", _counts(events.get("dead_letter_reasons"))),
     ])
     rows = []

@@ -119,6 +119,22 @@ class Responder:
             time.sleep(0.02)
         return self.idle()
 
+    def run_queued(self) -> None:
+        """Advance every queued incident in the calling thread, in order (a replay runs no workers, so
+        that its decisions come in one order every time)."""
+        while True:
+            try:
+                incident_id = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if incident_id is None:
+                continue
+            try:
+                self._advance(incident_id)
+            finally:
+                with self._busy_lock:
+                    self._scheduled -= 1
+
     def recover(self) -> None:
         """Queue every open incident with a step still to run (after a restart)."""
         for incident_id in self.journal.unfinished():

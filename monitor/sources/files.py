@@ -60,12 +60,15 @@ class FileSource:
         # max_line_bytes + 1 bytes, enough for the decoder to reject it as too large.
         self.max_line_bytes = max_line_bytes
         self.read_bytes = 0
+        self._raw_done = 0  # bytes of the files read to the end
+        self._raw: BinaryIO | None = None  # the file being read (its compressed bytes, for a .gz)
 
     def batches(self) -> Iterator[list[FileRecord]]:
         batch: list[FileRecord] = []
         for path in self.paths:
             name = "stdin" if path == "-" else path
             handle = _open(path)
+            self._raw = getattr(handle, "fileobj", handle)
             try:
                 for number, line in enumerate(self._lines(handle), 1):
                     self.read_bytes += len(line)
@@ -80,9 +83,23 @@ class FileSource:
                 raise InferWatchError(f"{name}: cannot read: {exc}") from None
             finally:
                 if path != "-":
+                    self._raw_done += self._raw_tell()
                     handle.close()
+                    if self._raw is not handle:
+                        self._raw.close()  # GzipFile leaves the file it was given open
+                self._raw = None
         if batch:
             yield batch
+
+    def raw_position(self) -> int:
+        """Bytes of the input files read so far, as stored (compressed for .gz): progress against their sizes."""
+        return self._raw_done + (self._raw_tell() if self._raw is not None else 0)
+
+    def _raw_tell(self) -> int:
+        try:
+            return self._raw.tell() if self._raw is not None else 0
+        except (OSError, ValueError):
+            return 0
 
     def _lines(self, handle: BinaryIO) -> Iterator[bytes]:
         limit = self.max_line_bytes + 1
