@@ -182,6 +182,11 @@ class EventTime(Base):
     # so the detections, are the same whatever the polls were: live, after a restart, in a replay.
     # null: batches as polled (a little sooner, but detections then depend on poll sizes).
     tick: Duration | None = "1s"
+    # A model's batch is its complete ticks up to this many events or this span of event time, so a
+    # model of a few hundred events a second is not read in batches of a few hundred (each batch costs
+    # the detectors ~10 ms whatever its size); the span bounds the wait of a quiet model.
+    min_batch_events: PositiveInt = 5000
+    max_batch_span: Duration = "10s"
     # The newest tick of a model waits for an event of a later tick; after this long without one
     # (wall-clock) it is read anyway.
     flush_after: Duration = "5s"
@@ -327,6 +332,8 @@ def _check_semantics(config: Config) -> None:
     _check_jobs(config)
     if config.event_time.tick is not None and _duration(where, "$.event_time.tick", config.event_time.tick) <= 0:
         raise ConfigError(f"{where}: $.event_time.tick: expected more than 0s, or null for batches as polled")
+    if _duration(where, "$.event_time.max_batch_span", config.event_time.max_batch_span) <= 0:
+        raise ConfigError(f"{where}: $.event_time.max_batch_span: expected more than 0s")
     if _duration(where, "$.event_time.flush_after", config.event_time.flush_after) <= 0:
         raise ConfigError(f"{where}: $.event_time.flush_after: expected more than 0s")
     for key in ("http_timeout", "outbox_max_age", "journal_retention"):

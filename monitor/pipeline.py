@@ -75,6 +75,9 @@ class Pipeline:
         self.tick = None if tick is None else seconds(tick)
         self._held: dict[str, tuple[list[Any], list[RawRecord], float, int]] = {}
         self._batches = 0  # batches processed: a model is idle once one came without its events
+        self.min_batch_events = config.event_time.min_batch_events
+        self.max_batch_span = seconds(config.event_time.max_batch_span)
+        self._done_tick: dict[str, float] = {}  # per model, the newest tick its detectors have read
         # Called after each batch a model's detectors read, with its route and batch (replay's figures).
         self.after_batch: Any = None
 
@@ -227,13 +230,28 @@ class Pipeline:
             self._run_detectors(route, in_event_time_order(ModelBatch(model, events, records)), result)
             return
         batch = in_event_time_order(ModelBatch(model, events, records))
+        if not hold:  # the end of the input, or an idle model: what is held is one batch
+            self._run_detectors(route, batch, result)
+            self._done_tick[model] = max(self._done_tick.get(model, -np.inf), float(np.floor(batch.ts[-1] / self.tick)))
+            return
         ticks = np.floor(batch.ts / self.tick)
-        newest = len(ticks)
-        if hold:
-            newest = int(np.searchsorted(ticks, ticks[-1]))  # where the newest tick starts
-            self._held[model] = (batch.events[newest:], batch.records[newest:], time.monotonic(), self._batches)
-        for lo, hi in _runs(ticks[:newest]):
-            self._run_detectors(route, ModelBatch(model, batch.events[lo:hi], batch.records[lo:hi]), result)
+        done = self._done_tick.get(model, -np.inf)
+        late = int(np.searchsorted(ticks, done, side="right"))  # events of ticks already read
+        if late:
+            self._run_detectors(route, ModelBatch(model, batch.events[:late], batch.records[:late]), result)
+        # Complete ticks (all but the newest) close a batch once it holds min_batch_events events or
+        # spans max_batch_span: decided by the events alone, so the batches are the same however
+        # the events were polled.
+        lo = late
+        for _, hi in _runs(ticks[late:])[:-1]:
+            first, last = ticks[lo], ticks[late + hi - 1]
+            if late + hi - lo >= self.min_batch_events or (last - first + 1) * self.tick >= self.max_batch_span:
+                self._run_detectors(route, ModelBatch(model, batch.events[lo:late + hi], batch.records[lo:late + hi]),
+                                    result)
+                self._done_tick[model] = last
+                lo = late + hi
+        if lo < len(ticks):
+            self._held[model] = (batch.events[lo:], batch.records[lo:], time.monotonic(), self._batches)
 
     def _run_detectors(self, route: ModelRoute, batch: ModelBatch, result: BatchResult) -> None:
         m = self.metrics

@@ -292,7 +292,9 @@ def test_a_detection_step_that_fails_turns_that_models_events_into_dead_letters_
 
 
 def ticked(**overrides: Any) -> Pipeline:
-    return Pipeline(load_config(None, {"event_time.tick": "1s", **overrides}), Metrics())
+    """Batches of one tick each (min_batch_events 1), unless asked otherwise."""
+    return Pipeline(load_config(None, {"event_time.tick": "1s", "event_time.min_batch_events": 1, **overrides}),
+                    Metrics())
 
 
 def test_the_newest_tick_of_a_model_waits_and_a_commit_stops_before_it() -> None:
@@ -323,7 +325,7 @@ def test_ticked_detections_do_not_depend_on_how_the_stream_was_polled() -> None:
     events = confident_then_unsure(3000, 1500)
     found = []
     for size in (1, 37, 4500):
-        p = ticked(detectors={"confidence": {"reference_size": 1000}})
+        p = ticked(detectors={"confidence": {"reference_size": 1000}}, **{"event_time.min_batch_events": 500})
         out = []
         stream = records(events)
         for start in range(0, len(stream), size):
@@ -331,3 +333,16 @@ def test_ticked_detections_do_not_depend_on_how_the_stream_was_polled() -> None:
         out.extend(p.flush().detections)
         found.append(sorted(msgspec.to_builtins(d)["detection_id"] for d in out))
     assert found[0] and found[0] == found[1] == found[2]
+
+
+def test_complete_ticks_gather_into_batches_of_min_batch_events_or_max_batch_span() -> None:
+    p = ticked(**{"event_time.min_batch_events": 250, "event_time.max_batch_span": "60s"})
+    sizes = []
+    p.after_batch = lambda route, batch: sizes.append(len(batch))
+    p.process(records([event(i) for i in range(1000)]))  # ticks of 100 events: batches close at 300
+    assert sizes == [300, 300, 300] and p.held() == 100
+    p = ticked(**{"event_time.min_batch_events": 10_000, "event_time.max_batch_span": "2s"})
+    sizes.clear()
+    p.after_batch = lambda route, batch: sizes.append(len(batch))
+    p.process(records([event(i) for i in range(1000)]))  # a quiet model: 2 s of event time at most
+    assert sizes == [200] * 4 and p.held() == 200
