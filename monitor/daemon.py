@@ -170,7 +170,7 @@ class DetectDaemon:
         held = self.pipeline.held()
         log.info("stopped after %d events", self.processed - held)
         if held:
-            log.info("%d events of an unfinished tick were not processed; they are read again after a restart", held)
+            log.info("%d events of unfinished batches were not processed (from Kafka: read again after a restart)", held)
         return 0
 
     # -- respond stage -------------------------------------------------------------------------
@@ -362,6 +362,7 @@ class DetectDaemon:
         while not self.stopping.is_set():
             self._last_loop = time.monotonic()
             if self.pipeline.held() and not self._flush_idle(time.monotonic() - self.flush_after, caught_up):
+                delivered = False  # what the flush ran is neither published nor committed: no checkpoint of it
                 break
             found = self._run_jobs(due)
             if found and not self._retrying("publishing outputs", lambda: self.outputs.publish(BatchResult(detections=found)),
@@ -385,6 +386,11 @@ class DetectDaemon:
                 self._set_ready("ok" if reachable else "broker unreachable")
                 continue
             self.metrics.broker_up.set(1)
+            # Records read again (the consumer fetched from the last commit after an outage, a rebalance
+            # or its process's restart) were processed or are held: not twice.
+            records = [r for r in records if r.offset >= self._read_up_to.get((r.topic, r.partition), 0)]
+            if not records:
+                continue
             if self.first_batch_at is None:
                 self.first_batch_at = now
             with self.metrics.batch_seconds.time():
@@ -395,6 +401,8 @@ class DetectDaemon:
                 break
             self.processed += len(records)
             self.last_batch_at = time.monotonic()
+        if delivered and self.pipeline.held():
+            delivered = self._flush_all()
         self._final_commit()
         if delivered:
             self._checkpoint("stop")
@@ -458,9 +466,14 @@ class DetectDaemon:
         self.metrics.events_held.set(self.pipeline.held())
         return {key: min(offset, floor.get(key, offset)) for key, offset in read.items()}
 
-    def _flush_idle(self, idle_since: float, caught_up: bool) -> bool:
-        """Run the held ticks of models idle since ``idle_since``, publish what they found and commit
-        their partitions; False when a stop's grace ran out first."""
+    def _flush_all(self) -> bool:
+        """At a stop: run every held event, so the checkpoint and the commit agree (a restart then
+        starts a new batch there, which a replay would not)."""
+        return self._flush_idle(None, True)
+
+    def _flush_idle(self, idle_since: float | None, caught_up: bool) -> bool:
+        """Run the held ticks of models idle since ``idle_since`` (None: all), publish what they found
+        and commit their partitions; False when a stop's grace ran out first."""
         before = self.pipeline.held_floor()
         result = self.pipeline.flush(idle_since, caught_up)
         if not result.processed and not result.dead_letters:
@@ -471,7 +484,7 @@ class DetectDaemon:
 
         def commit() -> None:
             try:
-                self.source.commit_offsets(offsets, seconds(self.config.kafka.ack_timeout), sync=False)
+                self.source.commit_offsets(offsets, seconds(self.config.kafka.ack_timeout), sync=False, batch=False)
             except CommitFailedError:
                 log.warning("commit refused after a rebalance; the last tick's events will be redelivered")
 

@@ -21,6 +21,7 @@ from monitor.ops.metrics import OTHER_MODEL, Metrics
 log = logging.getLogger("inferwatch.pipeline")
 
 NO_MODEL = "__none__"  # the model label of messages that never became events
+STALE_SECONDS = 60.0  # wall-clock seconds after which held events are read whatever their ticks
 
 
 class RawRecord(Protocol):
@@ -73,10 +74,13 @@ class Pipeline:
         # starts or ``flush``.
         tick = config.event_time.tick
         self.tick = None if tick is None else seconds(tick)
-        self._held: dict[str, tuple[list[Any], list[RawRecord], float, int]] = {}
+        # (events, records, monotonic time and batch number of the last arrival, monotonic time the
+        # oldest of them was first held, lowest offset held per partition)
+        self._held: dict[str, tuple[list[Any], list[RawRecord], float, int, float, dict]] = {}
         self._batches = 0  # batches processed: a model is idle once one came without its events
         self.min_batch_events = config.event_time.min_batch_events
         self.max_batch_span = seconds(config.event_time.max_batch_span)
+        self.flush_after = seconds(config.event_time.flush_after)
         self._done_tick: dict[str, float] = {}  # per model, the newest tick its detectors have read
         # Called after each batch a model's detectors read, with its route and batch (replay's figures).
         self.after_batch: Any = None
@@ -198,7 +202,7 @@ class Pipeline:
             if not events:
                 continue
             try:
-                self._detect_model(model, events, records, result, hold)
+                self._detect_model(model, events, records, result, hold, held[4] if held is not None else None)
             except Exception as exc:
                 log.exception("the detection step failed on %d events of model %s; dead-lettered", len(events), model)
                 m.detector_errors.labels("pipeline").inc()
@@ -215,7 +219,7 @@ class Pipeline:
         return result
 
     def _detect_model(self, model: str, events: list[Any], records: list[RawRecord], result: BatchResult,
-                      hold: bool) -> None:
+                      hold: bool, held_since: float | None = None) -> None:
         m = self.metrics
         route = self.routes.get(model, False)
         if route is False:
@@ -230,28 +234,47 @@ class Pipeline:
             self._run_detectors(route, in_event_time_order(ModelBatch(model, events, records)), result)
             return
         batch = in_event_time_order(ModelBatch(model, events, records))
-        if not hold:  # the end of the input, or an idle model: what is held is one batch
+        if not hold:  # the end of the input, or an idle or stale model: what is held is one batch
             self._run_detectors(route, batch, result)
-            self._done_tick[model] = max(self._done_tick.get(model, -np.inf), float(np.floor(batch.ts[-1] / self.tick)))
             return
         ticks = np.floor(batch.ts / self.tick)
-        done = self._done_tick.get(model, -np.inf)
-        late = int(np.searchsorted(ticks, done, side="right"))  # events of ticks already read
-        if late:
+        late = int(np.searchsorted(ticks, self._done_tick.get(model, -np.inf), side="right"))
+        if late:  # events of ticks already read: a batch of their own
             self._run_detectors(route, ModelBatch(model, batch.events[:late], batch.records[:late]), result)
-        # Complete ticks (all but the newest) close a batch once it holds min_batch_events events or
-        # spans max_batch_span: decided by the events alone, so the batches are the same however
-        # the events were polled.
-        lo = late
-        for _, hi in _runs(ticks[late:])[:-1]:
-            first, last = ticks[lo], ticks[late + hi - 1]
-            if late + hi - lo >= self.min_batch_events or (last - first + 1) * self.tick >= self.max_batch_span:
-                self._run_detectors(route, ModelBatch(model, batch.events[lo:late + hi], batch.records[lo:late + hi]),
-                                    result)
-                self._done_tick[model] = last
-                lo = late + hi
+        lo = late  # where the open batch starts
+        for a, b in self._cuts(ticks, late):
+            self._run_detectors(route, ModelBatch(model, batch.events[a:b], batch.records[a:b]), result)
+            self._done_tick[model] = float(ticks[b - 1])
+            lo = b
         if lo < len(ticks):
-            self._held[model] = (batch.events[lo:], batch.records[lo:], time.monotonic(), self._batches)
+            floor: dict[tuple[str, int], int] = {}
+            for r in batch.records[lo:]:
+                key = (r.topic, r.partition)
+                if r.offset < floor.get(key, r.offset + 1):
+                    floor[key] = r.offset
+            since = held_since if held_since is not None and lo == late else time.monotonic()
+            self._held[model] = (batch.events[lo:], batch.records[lo:], time.monotonic(), self._batches, since, floor)
+
+    def _cuts(self, ticks: np.ndarray, start: int) -> list[tuple[int, int]]:
+        """The batches to read now from the sorted ``ticks[start:]``: whole ticks, the newest never (more
+        of it may come). A batch closes once it holds ``min_batch_events`` events or spans
+        ``max_batch_span``, and before a tick that would take it past that span or that follows a gap of
+        ``flush_after`` (where a live daemon would have flushed it for idleness). Decided by the events
+        alone: the same batches however the events were polled."""
+        cuts = []
+        lo = start
+        runs = [(start + a, start + b) for a, b in _runs(ticks[start:])]
+        for k, (a, b) in enumerate(runs):
+            if lo < a and ((ticks[a] - ticks[a - 1]) * self.tick >= self.flush_after
+                           or (ticks[a] - ticks[lo] + 1) * self.tick > self.max_batch_span):
+                cuts.append((lo, a))
+                lo = a
+            if k == len(runs) - 1:
+                break
+            if b - lo >= self.min_batch_events or (ticks[b - 1] - ticks[lo] + 1) * self.tick >= self.max_batch_span:
+                cuts.append((lo, b))
+                lo = b
+        return cuts
 
     def _run_detectors(self, route: ModelRoute, batch: ModelBatch, result: BatchResult) -> None:
         m = self.metrics
@@ -289,14 +312,17 @@ class Pipeline:
     # -- ticks of event time -------------------------------------------------------------------
 
     def flush(self, idle_since: float | None = None, caught_up: bool = False) -> BatchResult:
-        """Run the held newest tick of every model idle since ``idle_since`` (``time.monotonic()``
-        seconds; None: every model, at the end of the input). Idle: no new event of the model since
-        then, and a batch has come without any (or ``caught_up``: the last poll found nothing). While a
+        """Run what is held of every model idle since ``idle_since`` (``time.monotonic()`` seconds; None:
+        every model, at the end of the input or at a stop). Idle: no new event of the model since then,
+        and a batch has come without any (or ``caught_up``: the last poll found nothing): while a
         backlog is read every batch holds every busy model, however slowly it is read, so no tick of
-        one is cut by the wall clock."""
+        one is cut by the wall clock. Events held for longer than ``STALE_SECONDS`` run anyway (an event
+        stamped in the future would otherwise hold its partition's commits)."""
         result = BatchResult()
-        for model, (_, _, arrived, batch) in list(self._held.items()):
-            if idle_since is not None and (arrived > idle_since or (batch == self._batches and not caught_up)):
+        now = time.monotonic()
+        for model, (_, _, arrived, batch, since, _) in list(self._held.items()):
+            stale = now - since > STALE_SECONDS
+            if idle_since is not None and not stale and (arrived > idle_since or (batch == self._batches and not caught_up)):
                 continue
             part = self._detect({model: ([], [])}, [], hold=False)
             result.detections.extend(part.detections)
@@ -313,10 +339,9 @@ class Pipeline:
         """(topic, partition) -> the lowest offset still held there: a commit must stop before it."""
         floor: dict[tuple[str, int], int] = {}
         for held in self._held.values():
-            for r in held[1]:
-                key = (r.topic, r.partition)
-                if r.offset < floor.get(key, r.offset + 1):
-                    floor[key] = r.offset
+            for key, offset in held[5].items():
+                if offset < floor.get(key, offset + 1):
+                    floor[key] = offset
         return floor
 
     # -- scheduled work ------------------------------------------------------------------------

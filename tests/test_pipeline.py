@@ -346,3 +346,35 @@ def test_complete_ticks_gather_into_batches_of_min_batch_events_or_max_batch_spa
     p.after_batch = lambda route, batch: sizes.append(len(batch))
     p.process(records([event(i) for i in range(1000)]))  # a quiet model: 2 s of event time at most
     assert sizes == [200] * 4 and p.held() == 200
+
+
+def test_a_gap_in_event_time_closes_a_batch_where_a_live_daemon_flushes_an_idle_model() -> None:
+    quiet = [event(i * 100) for i in range(7)] + [event(i * 100) for i in range(20, 23)]  # 0..6 s, 20..22 s
+    settings = {"event_time.min_batch_events": 10_000, "event_time.max_batch_span": "10s",
+                "event_time.flush_after": "5s"}
+    at_once = ticked(**settings)
+    sizes: list[int] = []
+    at_once.after_batch = lambda route, batch: sizes.append(len(batch))
+    at_once.process(records(quiet))
+    at_once.flush()
+    live = ticked(**settings)
+    live_sizes: list[int] = []
+    live.after_batch = lambda route, batch: live_sizes.append(len(batch))
+    live.process(records(quiet[:7]))
+    live.process(records([event(0, model="other")]))  # a batch without the quiet model's events ...
+    live.flush(idle_since=time.monotonic() + 1)  # ... and 5 s without any: flushed as idle
+    live.process(records(quiet[7:]))
+    live.flush()
+    assert sizes == [7, 3] and live_sizes[:1] + [n for n in live_sizes[1:] if n != 1] == [7, 3]
+
+
+def test_an_event_stamped_in_the_future_does_not_hold_its_partition_for_long(monkeypatch) -> None:
+    import monitor.pipeline as pipeline_module
+
+    p = ticked()
+    p.process(records([event(3600 * 100)] + [event(i) for i in range(300)]))  # one event an hour ahead
+    assert p.held_floor() == {("logs", 0): 0} and p.held() == 1
+    p.process(records([event(i) for i in range(300, 400)]))
+    assert p.flush(idle_since=time.monotonic() + 1).processed == 0, "the model is busy"
+    monkeypatch.setattr(pipeline_module, "STALE_SECONDS", 0.0)
+    assert p.flush(idle_since=time.monotonic() + 1).processed == 1 and p.held_floor() == {}

@@ -85,9 +85,9 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
             while conn.poll(0 if in_flight < MAX_IN_FLIGHT else 0.2):
                 message = _decode_message(conn.recv_bytes())
                 kind = message[0]
-                if kind == "commit":  # ("commit", [[topic, partition, next_offset], ...], sync, ack id)
-                    _, offsets, sync, ack = message
-                    in_flight -= 1
+                if kind == "commit":  # ("commit", [[topic, partition, next_offset], ...], sync, ack id, batch)
+                    _, offsets, sync, ack, batch = message
+                    in_flight -= batch  # the answer to a shipped batch (not a commit of held events run later)
                     error = _commit(source, {(t, p): o for t, p, o in offsets}, sync)
                     if sync:
                         conn.send_bytes(_encoder.encode(("ack", ack, error)))
@@ -229,8 +229,10 @@ class ProcessSource:
     def commit(self, records: Sequence[Any], timeout: float = 10.0, sync: bool = True) -> None:
         self.commit_offsets(next_offsets(records), timeout, sync)
 
-    def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0, sync: bool = True) -> None:
-        """Commit (topic, partition) -> next offset to read, through the consumer process."""
+    def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0, sync: bool = True,
+                       batch: bool = True) -> None:
+        """Commit (topic, partition) -> next offset to read, through the consumer process; ``batch``: the
+        commit answering a batch it shipped (it then ships one more), not one of held events run later."""
         if not offsets:
             return
         if not self.process.is_alive():
@@ -241,7 +243,7 @@ class ProcessSource:
         ack = next(self._acks)
         try:
             wire = [[t, p, o] for (t, p), o in offsets.items()]
-            self._conn.send_bytes(_encoder.encode(("commit", wire, sync, ack)))
+            self._conn.send_bytes(_encoder.encode(("commit", wire, sync, ack, int(batch))))
         except OSError as exc:
             raise ChildFailed(f"the consumer process is gone: {exc}") from None
         if sync:

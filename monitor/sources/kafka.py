@@ -198,7 +198,8 @@ class KafkaSource:
         """Commit the offsets after the last of ``records`` in each partition."""
         self.commit_offsets(next_offsets(records), timeout, sync)
 
-    def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0, sync: bool = True) -> None:
+    def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0, sync: bool = True,
+                       batch: bool = True) -> None:
         """Commit (topic, partition) -> next offset to read.
 
         ``sync=False`` sends the commit without waiting for its answer: the loop goes on polling, and
