@@ -101,6 +101,7 @@ def test_a_file_replay_reports_what_happened_and_the_same_bytes_twice(traffic: P
     series = report["series"]["digits"]
     assert len(series["t"]) == len(series["events"]) == len(series["drift"]["values"])
     assert sum(series["events"]) == report["models"]["digits"]["events"]
+    assert all(series["events"]), "steady traffic: every second has its events, whatever the batches"
     assert max(v for v in series["drift"]["values"] if v is not None) >= 1.0  # the drift crossed its threshold
     assert "mallory" in series["client_risk"]["clients"]
     assert series["latency_ms"]["baseline_median"] > 0
@@ -145,7 +146,7 @@ def test_bounds_parse_times_and_offsets() -> None:
     assert parse_bound("2025-11-27T09:00:00+01:00", "--from").time == START
     assert parse_bound("1764230400.5", "--from").time == START + 0.5
     assert parse_bound("0:10, 2:30", "--from").offsets == {0: 10, 2: 30}
-    for bad in ("yesterday", "2025-11-27T08:00:00", "0:10,x"):
+    for bad in ("yesterday", "2025-11-27T08:00:00", "0:10,x", "nan", "inf", "1e300", "-5"):
         with pytest.raises(Exception, match="--from"):
             parse_bound(bad, "--from")
 
@@ -161,6 +162,7 @@ def test_usage_errors_exit_2_and_say_why(tmp_path: Path, capsys: pytest.CaptureF
         (["--input", str(sample), "--from", str(START + 5), "--to", str(START), "--report", str(tmp_path / "r.json")],
          "--to is before --from"),
         (["--input", str(sample), "--report", str(tmp_path)], "is a directory"),
+        (["--input", "-", "-", "--report", str(tmp_path / "r.json")], "can be read once"),
         (["--input", str(sample), "-p", str(tmp_path / "nobooks"), "--report", str(tmp_path / "r.json")],
          "no such file or directory"),
     ]

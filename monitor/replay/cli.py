@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kafka.errors import KafkaError
+
 from monitor.errors import InferWatchError
 
 
@@ -38,7 +40,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     replay = Replay(config, inputs=args.input or (), topic=args.topic, start=start, end=end, models=args.model,
                     clients=args.client, playbooks=playbooks,
                     dead_letters=Path(args.dead_letters) if args.dead_letters else None, progress=sys.stderr)
-    report = replay.run()
+    try:
+        report = replay.run()
+    except KafkaError as exc:
+        raise InferWatchError(f"Kafka: {type(exc).__name__}: {exc} (is the broker up? --bootstrap)") from None
     text = dumps(report)
     if args.report == "-":
         sys.stdout.write(text)

@@ -58,9 +58,13 @@ def parse_bound(text: str, flag: str) -> Bound:
             offsets[partition] = offset
         return Bound(offsets=offsets)
     try:
-        return Bound(time=float(text))
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not 0 <= seconds < 4_102_444_800:  # 1970 to 2100, as event times (NaN fails too)
+            raise InferWatchError(f"{flag} {text!r}: epoch seconds between 0 and 4102444800 (2100) expected")
+        return Bound(time=seconds)
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
@@ -87,6 +91,7 @@ class KafkaRange:
         try:
             self.consumer = KafkaConsumer(
                 bootstrap_servers=config.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                auto_offset_reset="earliest",
                 client_id=f"{config.kafka.client_id}-replay", request_timeout_ms=30_000,
                 max_partition_fetch_bytes=max(1_048_576, config.limits.max_message_bytes + 1024),
                 **security_settings(config))
@@ -185,18 +190,16 @@ class KafkaRange:
                 _, _, _, tp = heapq.heappop(heap)
                 r = buffers[tp][positions[tp]]
                 positions[tp] += 1
-                self._count(r)
-                stamp = _ts(r)
-                if stamp >= 0 and end_ms is not None and stamp > end_ms + RECORD_SLACK_MS:
-                    open_parts.discard(tp)  # this partition has passed the end of the range
-                    continue
                 if positions[tp] < len(buffers[tp]):
                     nxt = buffers[tp][positions[tp]]
                     heapq.heappush(heap, (_ts(nxt), nxt.partition, nxt.offset, tp))
                 elif r.offset + 1 >= self.stop[tp]:
                     open_parts.discard(tp)
-                if stamp >= 0 and start_ms is not None and stamp < start_ms - RECORD_SLACK_MS:
-                    continue  # far before the range by its record timestamp
+                stamp = _ts(r)
+                if stamp >= 0 and ((start_ms is not None and stamp < start_ms - RECORD_SLACK_MS)
+                                   or (end_ms is not None and stamp > end_ms + RECORD_SLACK_MS)):
+                    continue  # far outside the range by its record timestamp: not read, not digested
+                self._count(r)
                 batch.append(r)
                 if len(batch) >= self.batch_size:
                     yield batch
@@ -217,6 +220,10 @@ class KafkaRange:
         empty_polls = 0
         while any(positions[tp] >= len(buffers[tp]) for tp in waiting if tp in open_parts):
             polled = self.consumer.poll(timeout_ms=1000, max_records=BUFFER_PER_PARTITION)
+            for tp in waiting:
+                if tp in open_parts and positions[tp] >= len(buffers[tp]) and tp not in polled \
+                        and self.consumer.position(tp) >= self.stop[tp]:
+                    open_parts.discard(tp)  # a transaction marker or compacted records end the range
             if not polled:
                 empty_polls += 1
                 if empty_polls >= 30:

@@ -74,25 +74,34 @@ class ModelFigures:
         if not self.clients_overflow:
             self.clients.update(c for c in batch.client_ids if c is not None)
             self.clients_overflow = len(self.clients) >= MAX_CLIENTS_COUNTED
-        key = self._key(float(ts[-1]))
-        if key not in self.buckets:
-            self.buckets[key] = _Bucket()
-            if self._bound():
-                key = self._key(float(ts[-1]))
-        bucket = self.buckets[key]
-        bucket.events += len(batch)
-        if (drift := figures.get("drift")) is not None:
-            bucket.drift = drift if bucket.drift is None else max(bucket.drift, drift)
-        if (rate := figures.get("low_confidence_rate")) is not None:
-            bucket.low_conf += rate * len(batch)
-            bucket.low_conf_events += len(batch)
+        for edge in (float(ts[0]), float(ts[-1])):  # the batch's span, so that the width fits it
+            self.buckets.setdefault(self._key(edge), _Bucket())
+        self._bound()
+        # each event in the bucket of its own time; the detectors' figures (one per batch) in every
+        # bucket the batch spans
+        keys = np.floor(ts / self.width).astype(np.int64) // self.factor
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        ends = np.r_[starts[1:], len(keys)]
         latency = batch.column("latency_ms")
-        latency = latency[~np.isnan(latency)]
-        if latency.size:
-            counts = np.bincount(np.searchsorted(_LATENCY_EDGES, latency), minlength=len(_LATENCY_EDGES) + 1)
-            bucket.latency = counts if bucket.latency is None else bucket.latency + counts
-        for client, risk in (figures.get("client_risk") or {}).items():
-            bucket.risk[client] = max(risk, bucket.risk.get(client, 0.0))
+        drift = figures.get("drift")
+        rate = figures.get("low_confidence_rate")
+        risks = figures.get("client_risk") or {}
+        for lo, hi in zip(starts.tolist(), ends.tolist()):
+            bucket = self.buckets.setdefault(int(keys[lo]), _Bucket())
+            bucket.events += hi - lo
+            if drift is not None:
+                bucket.drift = drift if bucket.drift is None else max(bucket.drift, drift)
+            if rate is not None:
+                bucket.low_conf += rate * (hi - lo)
+                bucket.low_conf_events += hi - lo
+            values = latency[lo:hi]
+            values = values[~np.isnan(values)]
+            if values.size:
+                counts = np.bincount(np.searchsorted(_LATENCY_EDGES, values), minlength=len(_LATENCY_EDGES) + 1)
+                bucket.latency = counts if bucket.latency is None else bucket.latency + counts
+            for client, risk in risks.items():
+                bucket.risk[client] = max(risk, bucket.risk.get(client, 0.0))
+        for client, risk in risks.items():
             self.max_risk[client] = max(risk, self.max_risk.get(client, 0.0))
         for name in ("low_confidence_reference", "low_confidence_alarm", "latency_baseline_median",
                      "latency_threshold"):
@@ -191,7 +200,8 @@ def config_digest(config: Any) -> dict[str, Any]:
     if source and Path(source).is_file():
         out["sha256"] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
     settings = msgspec.to_builtins(config)
-    settings.pop("source", None)  # where the file was, not what it says
+    for key in ("source", "logging", "http"):  # where the file was and how the run talks: not what it finds
+        settings.pop(key, None)
     effective = msgspec.json.encode(settings, order="sorted")
     out["effective_sha256"] = hashlib.sha256(effective).hexdigest()
     return out

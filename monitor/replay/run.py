@@ -135,9 +135,9 @@ class Replay:
 
     def run(self) -> dict[str, Any]:
         """Read everything, run the detectors and the playbooks; the report."""
-        source, described_inputs, progress = self._source()
-        self._start_playbooks()
         try:
+            source, described_inputs, progress = self._source()
+            self._start_playbooks()
             for records in source.batches():
                 self.read += len(records)
                 self._handle(self.pipeline.process(records))
@@ -161,6 +161,8 @@ class Replay:
         from monitor.sources.files import FileSource, expand_inputs
 
         paths = expand_inputs(self.inputs)
+        if paths.count("-") > 1:
+            raise InferWatchError("--input: standard input (-) can be read once")
         if "-" in paths:
             paths = [self._spool_stdin() if p == "-" else p for p in paths]
         described = [rep.file_digest(p) for p in paths]
@@ -236,8 +238,9 @@ class Replay:
         self.journal = Journal(Path(self._tmp) / "journal.sqlite")
         services = Services(state_dir=Path(self._tmp), http_timeout=1.0)
         try:
+            # retention: a replay of months must keep every incident it opened for the report
             self.responder = Responder(self.playbooks, self.journal, services, dry_run=True, require_env=False,
-                                       workers=0, clock=lambda: self.clock)
+                                       workers=0, clock=lambda: self.clock, retention=float("inf"))
         except PlaybookError as exc:
             raise InferWatchError(f"playbooks {self.playbooks}: {exc}") from None
 

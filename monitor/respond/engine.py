@@ -131,6 +131,8 @@ class Responder:
                 continue
             try:
                 self._advance(incident_id)
+            except Exception:
+                log.exception("respond: incident %s failed in the engine (a bug)", incident_id)
             finally:
                 with self._busy_lock:
                     self._scheduled -= 1
