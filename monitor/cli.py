@@ -195,6 +195,9 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--http-port", type=int, default=9108, metavar="PORT",
                       help="metrics port (default 9108; 0 picks a free one)")
     demo.add_argument("--state-dir", metavar="DIR", help="state directory (default: a temporary one)")
+    demo.add_argument("--write", metavar="FILE.jsonl[.gz]",
+                      help="write the traffic (in simulated time, the same every time) to a file instead, to "
+                           "try inferwatch replay or run --input on it")
     return top
 
 

@@ -315,3 +315,13 @@ def test_the_progress_bar_shows_on_a_terminal_and_not_in_a_pipe(tmp_path: Path) 
     assert "2,000 events" in text and "ev/s" in text and "ETA" in text and "100%" in text
     piped = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert piped.returncode == 0 and "ev/s" not in piped.stderr and "replayed 2,000 messages" in piped.stderr
+
+
+@pytest.mark.slow
+def test_the_demo_writes_its_traffic_for_a_replay_the_same_every_time(tmp_path: Path) -> None:
+    for name in ("a.jsonl.gz", "b.jsonl.gz"):
+        assert main(["demo", "--write", str(tmp_path / name), "--duration", "4", "--rate", "1000"]) == 0
+    assert lines(tmp_path / "a.jsonl.gz") == lines(tmp_path / "b.jsonl.gz")
+    report = replay(tmp_path, "--input", str(tmp_path / "a.jsonl.gz"), "--no-playbooks")
+    assert report["events"]["read"] == len(lines(tmp_path / "a.jsonl.gz"))
+    assert set(report["models"]) == {"digits", "cancer"}

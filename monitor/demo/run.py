@@ -50,7 +50,30 @@ class Console:
 SHIPPED_PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
 
 
+def write_traffic(path: str, duration: float, rate: float) -> int:
+    """The demo's traffic in simulated time (from 2025-11-27T08:00:00Z) to a JSONL file (gzip when it
+    ends in .gz), for ``inferwatch replay`` or ``run --input``; the same file every time."""
+    import gzip
+
+    from monitor.demo.traffic import TrafficGenerator, TrafficPlan
+    from monitor.errors import InferWatchError
+
+    try:
+        out = gzip.open(path, "wb") if path.endswith(".gz") else open(path, "wb")
+    except OSError as exc:
+        raise InferWatchError(f"--write {path}: cannot write there ({exc.strerror})") from None
+    with out:
+        traffic = TrafficGenerator(lambda key, value: out.write(value + b"\n"), TrafficPlan(duration, rate),
+                                   on_incident=lambda name: print(f"  incident: {name}", file=sys.stderr))
+        traffic.simulate()
+    print(f"wrote {traffic.sent + traffic.malformed:,} messages ({duration:g} s of event time) to {path}",
+          file=sys.stderr)
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "write", None):
+        return write_traffic(args.write, args.duration, args.rate)
     from kafka import KafkaProducer
 
     from monitor.broker import EmbeddedBroker

@@ -129,7 +129,7 @@ class TrafficGenerator:
     def simulate(self, start: float = 1_764_230_400.0) -> None:
         """The same plan in simulated time, as fast as ``send`` takes it: event times run from ``start``
         (2025-11-27T08:00:00Z) in ticks of 50 ms. The same seed gives the same events, for files
-        to replay (``inferwatch demo --write``)."""
+        to replay (``inferwatch demo --write FILE``)."""
         tick = 0.05
         per_tick = max(1, int(self.plan.rate * tick))
         for n in range(int(self.plan.duration / tick)):
