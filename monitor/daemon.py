@@ -444,17 +444,20 @@ class DetectDaemon:
         if not self._retrying("publishing outputs", lambda: self.outputs.publish(result),
                               self.metrics.publish_failures):
             return False
+        return self._commit(self._committable(next_offsets(records)), batch=True)
+
+    def _commit(self, offsets: dict[tuple[str, int], int], batch: bool) -> bool:
+        """Commit asynchronously (the next poll overlaps it; a stop ends with _final_commit, synchronous),
+        retried while the broker is away; False when a stop's grace ran out first. ``batch``: the
+        commit answering a polled batch (not one of held events run later)."""
         timeout = seconds(self.config.kafka.ack_timeout)
 
-        offsets = self._committable(next_offsets(records))
-
         def commit() -> None:
-            # Asynchronous: the next poll overlaps it; a stop ends with _final_commit, synchronous.
             try:
-                self.source.commit_offsets(offsets, timeout, sync=False)
+                self.source.commit_offsets(offsets, timeout, sync=False, batch=batch)
             except CommitFailedError:
                 # The group rebalanced away from us: the new owner re-reads from the last commit.
-                log.warning("commit refused after a rebalance; %d events will be redelivered", len(records))
+                log.warning("commit refused after a rebalance; the events since the last commit will be redelivered")
 
         return self._retrying("committing offsets", commit, self.metrics.commit_failures)
 
@@ -480,12 +483,5 @@ class DetectDaemon:
             return True
         if not self._retrying("publishing outputs", lambda: self.outputs.publish(result), self.metrics.publish_failures):
             return False
-        offsets = self._committable({key: self._read_up_to[key] for key in before if key in self._read_up_to})
-
-        def commit() -> None:
-            try:
-                self.source.commit_offsets(offsets, seconds(self.config.kafka.ack_timeout), sync=False, batch=False)
-            except CommitFailedError:
-                log.warning("commit refused after a rebalance; the last tick's events will be redelivered")
-
-        return self._retrying("committing offsets", commit, self.metrics.commit_failures)
+        return self._commit(self._committable({key: self._read_up_to[key] for key in before if key in self._read_up_to}),
+                            batch=False)

@@ -1,5 +1,7 @@
 """Stage 1's core: a polled batch of raw messages in, events routed per model through detectors, out
 come detections and dead letters. No I/O here: the daemon and replay feed it and publish what it returns.
+It keeps the events of each model's unfinished batch (see ``event_time`` in the config) and the wall
+clock of their arrival, for the idle flush.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -83,7 +85,7 @@ class Pipeline:
         self.flush_after = seconds(config.event_time.flush_after)
         self._done_tick: dict[str, float] = {}  # per model, the newest tick its detectors have read
         # Called after each batch a model's detectors read, with its route and batch (replay's figures).
-        self.after_batch: Any = None
+        self.after_batch: Callable[[ModelRoute, ModelBatch], None] | None = None
 
     # -- routing -------------------------------------------------------------------------------
 

@@ -270,6 +270,7 @@ def test_a_kafka_replay_names_a_missing_topic(broker: Any, tmp_path: Path, capsy
                  "--report", str(tmp_path / "r.json")])
     assert code == 2
     assert "no topic 'no-such-topic-here'" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists(), "no empty report left to be taken for a result"
 
 
 @pytest.mark.slow

@@ -129,6 +129,7 @@ class ColumnGroup:
         self.ref_quantiles = np.quantile(ref, [0.05, 0.5, 0.95], axis=0)
         self.recent = np.full((RECENT, len(names)), np.nan)
         self.recent_pos = 0
+        self.last_excess = 0.0  # the largest alarm's excess in the last update (replay's plots)
 
     def family(self) -> rank_cusum.Family:
         return tuple((c.score, c.sign, c.k) for c in self.charts)
@@ -752,7 +753,7 @@ class Drift(Detector):
             return {"drift": None}
         largest = 0.0
         for group in self.groups.values():
-            largest = max(largest, getattr(group, "last_excess", 0.0))
+            largest = max(largest, getattr(group, "last_excess", 0.0))  # absent in older checkpoints
             if group.charts:
                 h = np.asarray([c.h for c in group.charts], dtype=np.float64)[:, None]
                 largest = max(largest, float((group.statistics / h).max()))

@@ -653,8 +653,9 @@ class Probing(Detector):
             source={"topic": topic, "partition": partition, "offset": offset},
         )
 
-    def report_figures(self, batch: ModelBatch, top: int = 10) -> dict[str, Any]:
-        """The risk (largest signal over its threshold: 1 at an alarm) of the riskiest tracked clients."""
+    def report_figures(self, batch: ModelBatch) -> dict[str, Any]:
+        """The risk (largest signal over its threshold: 1 at an alarm) of the ten riskiest tracked clients."""
+        top = 10
         table = self.clients
         if table is None:
             return {"client_risk": None}

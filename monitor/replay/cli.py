@@ -17,8 +17,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from monitor.config import load_config
     from monitor.ops import logs
     from monitor.replay.kafka import parse_bound
-    from monitor.replay.report import dumps
-    from monitor.replay.run import Replay
 
     if not args.report and not args.html:
         raise InferWatchError("replay needs --report OUT.json, --html OUT.html or both")
@@ -33,8 +31,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if playbooks is not None and not Path(playbooks).exists():
         raise InferWatchError(f"playbooks {playbooks}: no such file or directory (--no-playbooks replays without)")
     outputs = [p for p in (args.report, args.html, args.dead_letters) if p and p != "-"]
+    created = [p for p in outputs if not Path(p).exists()]
     for path in outputs:  # before hours of reading: a report that cannot be written is a usage error
         _writable(path)
+    try:
+        return _replay(args, config, start, end, playbooks)
+    except BaseException:
+        for path in created:  # no empty report left behind to be taken for a result
+            Path(path).unlink(missing_ok=True)
+        raise
+
+
+def _replay(args: argparse.Namespace, config: Any, start: Any, end: Any, playbooks: str | None) -> int:
+    from monitor.replay.report import dumps
+    from monitor.replay.run import Replay
+
     if args.dead_letters:
         Path(args.dead_letters).write_text("", encoding="utf-8")
     replay = Replay(config, inputs=args.input or (), topic=args.topic, start=start, end=end, models=args.model,

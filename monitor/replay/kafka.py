@@ -82,21 +82,20 @@ class KafkaRange:
     def __init__(self, config: Config, topic: str, start: Bound | None, end: Bound | None, batch_size: int):
         from kafka import KafkaConsumer, TopicPartition
 
-        from monitor.sources.kafka import security_settings
+        from monitor.sources.kafka import client_settings, construct
 
         self.topic = topic
         self.start, self.end = start, end
         self.batch_size = batch_size
         self.bootstrap = ",".join(config.kafka.bootstrap_servers)
         try:
-            self.consumer = KafkaConsumer(
-                bootstrap_servers=config.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                client_id=f"{config.kafka.client_id}-replay", request_timeout_ms=30_000,
-                max_partition_fetch_bytes=max(1_048_576, config.limits.max_message_bytes + 1024),
-                **security_settings(config))
+            self.consumer = construct(
+                KafkaConsumer, **{**client_settings(config), "client_id": f"{config.kafka.client_id}-replay"},
+                group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", request_timeout_ms=30_000,
+                max_partition_fetch_bytes=max(1_048_576, config.limits.max_message_bytes + 1024))
         except Exception as exc:  # NoBrokersAvailable, a rejected setting
-            raise InferWatchError(f"Kafka at {self.bootstrap}: cannot connect ({type(exc).__name__}: {exc})") from None
+            reason = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
+            raise InferWatchError(f"Kafka at {self.bootstrap}: cannot connect ({reason})") from None
         partitions = self.consumer.partitions_for_topic(topic)
         if not partitions:
             self.consumer.close()

@@ -73,7 +73,7 @@ def security_settings(config: Config) -> dict[str, Any]:
     return out
 
 
-def _common(config: Config) -> dict[str, Any]:
+def client_settings(config: Config) -> dict[str, Any]:
     return {
         "bootstrap_servers": config.kafka.bootstrap_servers,
         "client_id": config.kafka.client_id,
@@ -107,7 +107,7 @@ def construct(cls: Any, **settings: Any) -> Any:
 
 def make_producer(config: Config, **overrides: Any) -> KafkaProducer:
     settings = {
-        **_common(config),
+        **client_settings(config),
         "acks": "all",
         "linger_ms": 5,
         "max_block_ms": 10000,
@@ -149,7 +149,7 @@ class KafkaSource:
         k = config.kafka
         self.consumer = construct(
             KafkaConsumer,
-            **_common(config),
+            **client_settings(config),
             group_id=k.group_id,
             enable_auto_commit=False,
             auto_offset_reset=k.auto_offset_reset,
@@ -316,7 +316,7 @@ def ensure_topics(config: Config) -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = construct(KafkaAdminClient, **_common(config))
+    admin = construct(KafkaAdminClient, **client_settings(config))
     try:
         existing = set(admin.list_topics())
         t = config.kafka.topics
