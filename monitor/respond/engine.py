@@ -127,15 +127,8 @@ class Responder:
                 incident_id = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if incident_id is None:
-                continue
-            try:
-                self._advance(incident_id)
-            except Exception:
-                log.exception("respond: incident %s failed in the engine (a bug)", incident_id)
-            finally:
-                with self._busy_lock:
-                    self._scheduled -= 1
+            if incident_id is not None:
+                self._advance_one(incident_id)
 
     def recover(self) -> None:
         """Queue every open incident with a step still to run (after a restart)."""
@@ -340,14 +333,18 @@ class Responder:
                     self._queue.put(incident_id)
                     time.sleep(0.01)
                 continue
-            try:
-                self._advance(incident_id)
-            except Exception:
-                log.exception("respond: incident %s failed in the engine (a bug)", incident_id)
-            finally:
-                with self._busy_lock:
-                    self._busy.discard(incident_id)
-                    self._scheduled -= 1
+            self._advance_one(incident_id)
+
+    def _advance_one(self, incident_id: str) -> None:
+        """Advance one queued incident; an engine bug is logged, not raised (the others go on)."""
+        try:
+            self._advance(incident_id)
+        except Exception:
+            log.exception("respond: incident %s failed in the engine (a bug)", incident_id)
+        finally:
+            with self._busy_lock:
+                self._busy.discard(incident_id)
+                self._scheduled -= 1
 
     def _incident(self, row: dict[str, Any]) -> Incident:
         return Incident(id=row["id"], playbook=row["playbook"], key=row["key"], opened_at=row["opened_at"],
