@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import time
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -153,11 +154,14 @@ def test_broker_outage_mid_stream_is_survived(own_broker, tmp_path, daemons):
                what="the backlog to start")
 
     broker.down()  # mid-stream: the backlog is being consumed
+    down_at = time.monotonic()
     assert d.metric("inferwatch_events_total", model="fraud", outcome="processed") < total, \
         "the outage must come while events are still unread"
     d.wait_for(lambda: not d.ready() and d.metric("inferwatch_broker_up") == 0, timeout=60,
                what="/readyz and inferwatch_broker_up to say the broker is away")
     assert d.get("/healthz")[0] == 200, "the process itself stays healthy"
+    time.sleep(max(0.0, 30 - (time.monotonic() - down_at)))  # 30 s away: past the session timeout (6 s)
+    assert not d.ready() and d.get("/healthz")[0] == 200
 
     broker.up()
     broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(total, total + 1000)])
