@@ -3,6 +3,7 @@ local HTTP servers that enforce PagerDuty's Events API v2 and Slack's incoming-w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -499,6 +500,17 @@ def cluster_responder(tmp_path: Path, books: Path, cluster: Any, **kwargs: Any) 
     return Responder(books, Journal(tmp_path / "state" / "journal.sqlite"), services, metrics=Metrics(), **kwargs)
 
 
+@contextlib.contextmanager
+def running(tmp_path: Path, books: Path, cluster: Any, **kwargs: Any) -> Iterator[Responder]:
+    """A started ``cluster_responder``, stopped and its journal closed afterwards."""
+    responder = cluster_responder(tmp_path, books, cluster, **kwargs).start()
+    try:
+        yield responder
+    finally:
+        responder.stop()
+        responder.journal.close()
+
+
 ISOLATE_THEN_HOOK = """\
     name: cut
     match: {}
@@ -524,8 +536,7 @@ def stopped_at_the_gate(tmp_path: Path, cluster: Any, hook: WebhookServer) -> tu
 def test_closing_an_incident_stops_its_playbook_between_steps(tmp_path: Path, cluster: Any,
                                                               hook: WebhookServer) -> None:
     books = write_playbooks(tmp_path / "books", ISOLATE_THEN_HOOK.replace("APPROVAL ", "").replace("HOOK", hook.url))
-    responder = cluster_responder(tmp_path, books, cluster).start()
-    try:
+    with running(tmp_path, books, cluster) as responder:
         gate = cluster.hold("POST", "networkpolicies")
         [incident] = responder.handle(detection())
         wait_for(lambda: any(r.method == "POST" for r in cluster.requests), what="the isolation under way")
@@ -536,9 +547,6 @@ def test_closing_an_incident_stops_its_playbook_between_steps(tmp_path: Path, cl
         assert states == {"isolate": "done", "after": "expired"}  # what happened is recorded; nothing after
         responder.deliver_due()
         assert hook.requests == []
-    finally:
-        responder.stop()
-        responder.journal.close()
 
 
 def test_an_approval_given_just_before_a_crash_is_not_lost(tmp_path: Path, cluster: Any,
@@ -547,13 +555,9 @@ def test_an_approval_given_just_before_a_crash_is_not_lost(tmp_path: Path, clust
     # the workers are gone: the approval below is recorded and nobody acts on it
     assert first.decide(incident, "isolate", approve=True, who="alice")[0]
     first.journal.close()
-    second = cluster_responder(tmp_path, books, cluster).start()
-    try:
+    with running(tmp_path, books, cluster) as second:
         wait_for(lambda: second.journal.step(incident, "isolate")["state"] == "done", what="the approved step")
         assert second.journal.step(incident, "isolate")["decided_by"] == "alice"
-    finally:
-        second.stop()
-        second.journal.close()
 
 
 def test_a_step_changed_by_a_reload_before_a_restart_is_not_run_on_an_old_approval(
@@ -562,33 +566,25 @@ def test_a_step_changed_by_a_reload_before_a_restart_is_not_run_on_an_old_approv
     first.journal.close()
     text = (books / "book.yaml").read_text().replace("k8s_isolate,", "k8s_rollback,")
     (books / "book.yaml").write_text(text)
-    second = cluster_responder(tmp_path, books, cluster).start()
-    try:
+    with running(tmp_path, books, cluster) as second:
         assert second.decide(incident, "isolate", approve=True, who="alice")[0]
         assert second.wait_idle()
         step = second.journal.step(incident, "isolate")
         assert step["state"] == "failed" and "the playbook changed or was removed" in step["error"]
         assert second.journal.step(incident, "after")["state"] == "aborted"
         assert not [r for r in cluster.requests if r.method != "GET"]
-    finally:
-        second.stop()
-        second.journal.close()
 
 
 def test_a_dry_run_switched_on_at_a_restart_holds_open_incidents(tmp_path: Path, cluster: Any,
                                                                  hook: WebhookServer) -> None:
     books, incident, first = stopped_at_the_gate(tmp_path, cluster, hook)
     first.journal.close()
-    second = cluster_responder(tmp_path, books, cluster, dry_run=True).start()
-    try:
+    with running(tmp_path, books, cluster, dry_run=True) as second:
         assert second.decide(incident, "isolate", approve=True, who="alice")[0]
         assert second.wait_idle()
         second.deliver_due()
         assert [s["state"] for s in second.journal.steps(incident)] == ["dry_run", "dry_run"]
         assert not [r for r in cluster.requests if r.method != "GET"] and hook.requests == []
-    finally:
-        second.stop()
-        second.journal.close()
 
 
 def test_a_playbook_failing_on_one_detection_does_not_stop_the_others(tmp_path: Path, hook: WebhookServer,
@@ -621,15 +617,11 @@ def test_the_destructive_budget_holds_under_concurrent_workers(tmp_path: Path, c
         dedup: {key: "{{ model }}"}
         steps: [{id: isolate, action: k8s_isolate, with: {namespace: ml, deployment: "{{ model }}"}}]
     """)
-    responder = cluster_responder(tmp_path, books, cluster, max_destructive_per_hour=1, workers=4).start()
-    try:
+    with running(tmp_path, books, cluster, max_destructive_per_hour=1, workers=4) as responder:
         for n in range(6):
             responder.handle(detection(n, model=f"m{n}"))
         assert responder.wait_idle()
         assert len([r for r in cluster.requests if r.method == "POST"]) == 1
-    finally:
-        responder.stop()
-        responder.journal.close()
 
 
 def test_alerts_queued_at_a_crash_are_delivered_after_the_restart(tmp_path: Path, hook: WebhookServer,
