@@ -79,7 +79,6 @@ class DetectDaemon:
         self._dead_letters_out = dead_letters_out
         self._ready_reason = "starting"
         self._read_up_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after the last read
-        self.flush_after = seconds(config.event_time.flush_after)
         self._last_loop = time.monotonic()
         self._stopped_at: float | None = None
         self.jobs = Jobs(self.metrics)
@@ -361,7 +360,7 @@ class DetectDaemon:
         last_lag, delivered, caught_up = 0.0, True, False
         while not self.stopping.is_set():
             self._last_loop = time.monotonic()
-            if self.pipeline.held() and not self._flush_idle(time.monotonic() - self.flush_after, caught_up):
+            if self.pipeline.held() and not self._flush_idle(time.monotonic() - self.pipeline.flush_after, caught_up):
                 delivered = False  # what the flush ran is neither published nor committed: no checkpoint of it
                 break
             found = self._run_jobs(due)
@@ -395,14 +394,16 @@ class DetectDaemon:
                 self.first_batch_at = now
             with self.metrics.batch_seconds.time():
                 result = self.pipeline.process(records)
-                delivered = self._deliver(result, records)
+                delivered = self._deliver(result, next_offsets(records))
             self.metrics.batch_events.observe(len(records))
             if not delivered:
                 break
             self.processed += len(records)
             self.last_batch_at = time.monotonic()
         if delivered and self.pipeline.held():
-            delivered = self._flush_all()
+            # a stop runs every held event, so the checkpoint and the commit agree (a restart then
+            # starts a new batch there, which a replay would not)
+            delivered = self._flush_idle(None, True)
         self._final_commit()
         if delivered:
             self._checkpoint("stop")
@@ -440,11 +441,14 @@ class DetectDaemon:
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _deliver(self, result: Any, records: list[Any]) -> bool:
+    def _deliver(self, result: Any, read: dict[tuple[str, int], int], batch: bool = True) -> bool:
+        """Publish ``result``, then commit the partitions in ``read`` (offset after the last record
+        read there) up to what is held; False when a stop's grace ran out first. ``batch``: a polled
+        batch's results (not those of held events run later)."""
         if not self._retrying("publishing outputs", lambda: self.outputs.publish(result),
                               self.metrics.publish_failures):
             return False
-        return self._commit(self._committable(next_offsets(records)), batch=True)
+        return self._commit(self._committable(read), batch)
 
     def _commit(self, offsets: dict[tuple[str, int], int], batch: bool) -> bool:
         """Commit asynchronously (the next poll overlaps it; a stop ends with _final_commit, synchronous),
@@ -469,11 +473,6 @@ class DetectDaemon:
         self.metrics.events_held.set(self.pipeline.held())
         return {key: min(offset, floor.get(key, offset)) for key, offset in read.items()}
 
-    def _flush_all(self) -> bool:
-        """At a stop: run every held event, so the checkpoint and the commit agree (a restart then
-        starts a new batch there, which a replay would not)."""
-        return self._flush_idle(None, True)
-
     def _flush_idle(self, idle_since: float | None, caught_up: bool) -> bool:
         """Run the held ticks of models idle since ``idle_since`` (None: all), publish what they found
         and commit their partitions; False when a stop's grace ran out first."""
@@ -481,7 +480,5 @@ class DetectDaemon:
         result = self.pipeline.flush(idle_since, caught_up)
         if not result.processed and not result.dead_letters:
             return True
-        if not self._retrying("publishing outputs", lambda: self.outputs.publish(result), self.metrics.publish_failures):
-            return False
-        return self._commit(self._committable({key: self._read_up_to[key] for key in before if key in self._read_up_to}),
-                            batch=False)
+        return self._deliver(result, {key: self._read_up_to[key] for key in before if key in self._read_up_to},
+                             batch=False)

@@ -10,7 +10,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -44,6 +44,17 @@ class BatchResult:
     processed: int = 0
 
 
+class Held(NamedTuple):
+    """A model's events waiting for their batch to complete."""
+
+    events: list[Any]
+    records: list[RawRecord]
+    arrived: float  # monotonic time of the last arrival ...
+    batch: int  # ... and the number of the batch it came in
+    since: float  # monotonic time the oldest of them was first held
+    floor: dict[tuple[str, int], int]  # the lowest offset held per partition
+
+
 class ModelRoute:
     """A watched model's detectors, built from config on first sight."""
 
@@ -71,14 +82,11 @@ class Pipeline:
         self._overflow = ModelRoute(OTHER_MODEL, [], OTHER_MODEL)
         self._warned_limit = False
         self._untracked: dict[tuple[str, str], int] = {}  # per (model, detector): untracked queries exported
-        # Detectors read a model's events one tick of event time at a time; the newest tick is held
-        # (events, records, monotonic time and batch number of the last arrival) until a later one
-        # starts or ``flush``.
+        # Detectors read a model's events in batches of whole ticks of event time (``_cuts``); the
+        # events of a model's unfinished batch wait here until it completes or ``flush``.
         tick = config.event_time.tick
         self.tick = None if tick is None else seconds(tick)
-        # (events, records, monotonic time and batch number of the last arrival, monotonic time the
-        # oldest of them was first held, lowest offset held per partition)
-        self._held: dict[str, tuple[list[Any], list[RawRecord], float, int, float, dict]] = {}
+        self._held: dict[str, Held] = {}
         self._batches = 0  # batches processed: a model is idle once one came without its events
         self.min_batch_events = config.event_time.min_batch_events
         self.max_batch_span = seconds(config.event_time.max_batch_span)
@@ -200,11 +208,11 @@ class Pipeline:
         for model, (events, records) in grouped.items():
             held = self._held.pop(model, None)
             if held is not None:
-                events, records = held[0] + events, held[1] + records
+                events, records = held.events + events, held.records + records
             if not events:
                 continue
             try:
-                self._detect_model(model, events, records, result, hold, held[4] if held is not None else None)
+                self._detect_model(model, events, records, result, hold, held.since if held is not None else None)
             except Exception as exc:
                 log.exception("the detection step failed on %d events of model %s; dead-lettered", len(events), model)
                 m.detector_errors.labels("pipeline").inc()
@@ -232,11 +240,8 @@ class Pipeline:
         if route.label == OTHER_MODEL:
             m.events.labels(OTHER_MODEL, "untracked").inc(len(events))
             return
-        if self.tick is None:
-            self._run_detectors(route, in_event_time_order(ModelBatch(model, events, records)), result)
-            return
         batch = in_event_time_order(ModelBatch(model, events, records))
-        if not hold:  # the end of the input, or an idle or stale model: what is held is one batch
+        if self.tick is None or not hold:  # as polled; or the end of the input, an idle or stale model
             self._run_detectors(route, batch, result)
             return
         ticks = np.floor(batch.ts / self.tick)
@@ -255,7 +260,7 @@ class Pipeline:
                 if r.offset < floor.get(key, r.offset + 1):
                     floor[key] = r.offset
             since = held_since if held_since is not None and lo == late else time.monotonic()
-            self._held[model] = (batch.events[lo:], batch.records[lo:], time.monotonic(), self._batches, since, floor)
+            self._held[model] = Held(batch.events[lo:], batch.records[lo:], time.monotonic(), self._batches, since, floor)
 
     def _cuts(self, ticks: np.ndarray, start: int) -> list[tuple[int, int]]:
         """The batches to read now from the sorted ``ticks[start:]``: whole ticks, the newest never (more
@@ -320,28 +325,21 @@ class Pipeline:
         backlog is read every batch holds every busy model, however slowly it is read, so no tick of
         one is cut by the wall clock. Events held for longer than ``STALE_SECONDS`` run anyway (an event
         stamped in the future would otherwise hold its partition's commits)."""
-        result = BatchResult()
         now = time.monotonic()
-        for model, (_, _, arrived, batch, since, _) in list(self._held.items()):
-            stale = now - since > STALE_SECONDS
-            if idle_since is not None and not stale and (arrived > idle_since or (batch == self._batches and not caught_up)):
-                continue
-            part = self._detect({model: ([], [])}, [], hold=False)
-            result.detections.extend(part.detections)
-            result.dead_letters.extend(part.dead_letters)
-            result.processed += part.processed
-        result.detections.sort(key=lambda d: (d.ts, d.detection_id))
-        return result
+        due = [model for model, held in self._held.items()
+               if idle_since is None or now - held.since > STALE_SECONDS
+               or (held.arrived <= idle_since and (held.batch < self._batches or caught_up))]
+        return self._detect({model: ([], []) for model in due}, [], hold=False)
 
     def held(self) -> int:
-        """Events waiting for their model's newest tick to complete."""
-        return sum(len(held[0]) for held in self._held.values())
+        """Events waiting for their model's batch to complete."""
+        return sum(len(held.events) for held in self._held.values())
 
     def held_floor(self) -> dict[tuple[str, int], int]:
         """(topic, partition) -> the lowest offset still held there: a commit must stop before it."""
         floor: dict[tuple[str, int], int] = {}
         for held in self._held.values():
-            for key, offset in held[5].items():
+            for key, offset in held.floor.items():
                 if offset < floor.get(key, offset + 1):
                     floor[key] = offset
         return floor
