@@ -15,14 +15,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import msgspec
 
 from monitor.config import Config, seconds
 from monitor.errors import InferWatchError
 from monitor.ops.metrics import Metrics
-from monitor.pipeline import Pipeline
+from monitor.pipeline import BatchResult, Pipeline
+from monitor.publish import FileOutputs
 from monitor.replay import report as rep
 from monitor.replay.kafka import Bound
 
@@ -113,7 +114,7 @@ class Replay:
         self.topic = topic
         self.start, self.end = start, end
         self.playbooks = playbooks
-        self.dead_letters_path = dead_letters
+        self.dead_letters_out = FileOutputs(None, dead_letters)  # a file run's dead-letter file, or none
         self.progress_stream = progress
         self.metrics = Metrics()
         self.pipeline = FilteredPipeline(config, self.metrics, models, clients,
@@ -146,12 +147,12 @@ class Replay:
             progress.update(self._done(source), self.read, final=True)
             if self.responder is not None:
                 self.responder.tick()
-            inputs = described_inputs() if callable(described_inputs) else described_inputs
-            return self._report(inputs)
+            return self._report(described_inputs())
         finally:
             self._stop_playbooks()
 
-    def _source(self) -> tuple[Any, Any, Progress]:
+    def _source(self) -> tuple[Any, Callable[[], list[dict[str, Any]]], Progress]:
+        """The source, what the report says of its inputs (known once they are read), the progress bar."""
         batch = self.config.kafka.poll.max_records
         if self.topic is not None:
             from monitor.replay.kafka import KafkaRange
@@ -160,17 +161,13 @@ class Replay:
             return source, lambda: [source.describe()], Progress(self.progress_stream, source.total, "records")
         from monitor.sources.files import FileSource, expand_inputs
 
-        paths = expand_inputs(self.inputs)
-        if paths.count("-") > 1:
+        named = expand_inputs(self.inputs)
+        if named.count("-") > 1:
             raise InferWatchError("--input: standard input (-) can be read once")
-        if "-" in paths:
-            paths = [self._spool_stdin() if p == "-" else p for p in paths]
-        described = [rep.file_digest(p) for p in paths]
-        for entry, original in zip(described, expand_inputs(self.inputs)):
-            if original == "-":
-                entry["path"] = "-"
+        paths = [self._spool_stdin() if p == "-" else p for p in named]
+        described = [{**rep.file_digest(path), "path": name} for path, name in zip(paths, named)]
         source = FileSource(paths, batch, self.config.limits.max_message_bytes)
-        return source, described, Progress(self.progress_stream, sum(d["bytes"] for d in described), "bytes")
+        return source, lambda: described, Progress(self.progress_stream, sum(d["bytes"] for d in described), "bytes")
 
     def _done(self, source: Any) -> float:
         return source.read_records if self.topic is not None else source.raw_position()
@@ -204,12 +201,7 @@ class Replay:
                 envelope.pop("value_b64", None)
                 envelope.pop("key_b64", None)
                 self.dead_samples.append(envelope)
-        if result.dead_letters and self.dead_letters_path is not None:
-            import json
-
-            with open(self.dead_letters_path, "a", encoding="utf-8") as handle:
-                for letter in result.dead_letters:
-                    handle.write(json.dumps(letter.envelope(), sort_keys=True) + "\n")
+        self.dead_letters_out.publish(BatchResult(dead_letters=result.dead_letters))
         for d in result.detections:
             detection = msgspec.to_builtins(d)
             self.detections.append(detection)
