@@ -190,7 +190,6 @@ class Replay:
         model = self.figures.get(route.model)
         if model is None:
             model = self.figures[route.model] = rep.ModelFigures(self.width)
-            model.detectors = [d.name for d in route.detectors]  # type: ignore[attr-defined]
         model.observe(batch, figures)
 
     def _handle(self, result: Any) -> None:
