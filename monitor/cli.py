@@ -28,8 +28,9 @@ examples:
   inferwatch pending                                         steps awaiting approval (INFERWATCH_ADMIN_TOKEN)
   inferwatch approve INCIDENT STEP --by alice                approve one (reject: the same with reject)
   inferwatch replay -c configs/inferwatch.yaml --input logs/*.jsonl.gz --report r.json --html r.html
-  inferwatch replay -c configs/inferwatch.yaml --topic inference-logs --from 2025-11-27T08:00:00Z \
-                    --to 2025-11-27T09:00:00Z --client mallory --report r.json   forensics on Kafka's history
+  inferwatch replay -c configs/inferwatch.yaml --topic inference-logs --client mallory --report r.json \\
+                    --from 2025-11-27T08:00:00Z --to 2025-11-27T09:00:00Z   forensics on Kafka's history
+  inferwatch demo --write traffic.jsonl.gz                   the demo's traffic as a file, to replay
   inferwatch demo --duration 60                              everything on an embedded broker
 
 docs: README.md; metrics at http://HOST:9108/metrics (port: http.port or --http-port)
