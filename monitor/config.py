@@ -109,7 +109,9 @@ class Http(Base):
 
 class State(Base):
     dir: str = "./state"
-    checkpoint_interval: Duration = "60s"
+    # Offsets are committed with each checkpoint (they point at it): a crash or a rebalance reads this
+    # much of a partition again.
+    checkpoint_interval: Duration = "30s"
 
 
 class ScrapeTarget(Base):

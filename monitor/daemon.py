@@ -1,10 +1,15 @@
 """The detect stage as a long-running process: poll, detect, publish, commit, with health, metrics,
 scheduled checkpoints and a clean stop.
 
-The loop's one promise: offsets move only after the batch's outputs are durable. When the broker is
-away the loop keeps the batch in hand, retries with backoff (logged once), reports not-ready, and goes
-on where it stopped when the broker is back. SIGTERM or SIGINT finishes the batch, commits, checkpoints
-and closes; a second signal stops at once (the uncommitted batch is then redelivered: nothing is lost).
+The loop's one promise: offsets move only after the outputs of what they cover are durable, and only
+together with the detector state that read those events. On Kafka a checkpoint is the commit: the
+models' state and one piece per partition (its clients' state and its held events) are written, then
+each partition's offset is committed with a pointer to its piece as the commit's metadata. A restart,
+or the replica a partition is assigned to after a rebalance, finds offset and state together (see
+README "Scale-out"). When the broker is away the loop keeps the batch in hand, retries with backoff
+(logged once), reports not-ready, and goes on where it stopped when the broker is back. SIGTERM or
+SIGINT finishes the batch, checkpoints (and so commits) and closes; a second signal stops at once (the
+events since the last checkpoint are then read again: nothing is lost).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kafka.errors import CommitFailedError, KafkaConfigurationError, KafkaError
+from kafka.errors import CommitFailedError, KafkaConfigurationError, KafkaError, RebalanceInProgressError
 
 from monitor import __version__
 from monitor.config import Config, seconds
@@ -26,8 +31,8 @@ from monitor.detections import Detection
 from monitor.ops.http import HttpServer
 from monitor.ops.metrics import Metrics
 from monitor.ops.scheduler import Jobs
-from monitor.ops.state import CheckpointStore
-from monitor.pipeline import BatchResult, Pipeline
+from monitor.ops.state import CheckpointStore, DirectoryPieces, pack, partition_key, unpack
+from monitor.pipeline import BatchResult, Pipeline, StoredRecord
 from monitor.publish import FileOutputs, KafkaOutputs, PublishError, Spool
 from monitor.sources.kafka import next_offsets
 
@@ -63,11 +68,14 @@ class DetectDaemon:
         self.metrics = metrics or Metrics()
         self.metrics.build.info({"version": __version__})
         self.inputs = list(inputs or [])
+        # A file run checkpoints to <state dir>/detectors.pkl; on Kafka the checkpoints go with the
+        # commits (``_checkpoint_kafka``) and come back with the partitions' assignment.
         self.store = CheckpointStore(config.state.dir) if checkpoints else None
         restored = {}
         if self.store is not None:
             self.store.prepare()
-            restored = self.store.load("detectors") or {}
+            if self.inputs:
+                restored = self.store.load("detectors") or {}
         if restored:
             log.info("restored detector state of %d models from %s", len(restored), self.store.dir)
         self.pipeline = Pipeline(config, self.metrics, restored)
@@ -79,6 +87,9 @@ class DetectDaemon:
         self._dead_letters_out = dead_letters_out
         self._ready_reason = "starting"
         self._read_up_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after the last read
+        self._owned: set[tuple[str, int]] = set()  # the partitions the group assigned here
+        self._adopted: list[StoredRecord] = []  # held records of partitions taken over, read before the next poll's
+        self.pieces: DirectoryPieces | None = None  # where the Kafka checkpoints go
         self._last_loop = time.monotonic()
         self._stopped_at: float | None = None
         self.jobs = Jobs(self.metrics)
@@ -164,12 +175,14 @@ class DetectDaemon:
                 self.source.close()
             if self.outputs is not None:
                 self.outputs.close()
+            if self.pieces is not None:
+                self.pieces.close()
             if self.http:
                 self.http.stop()
         held = self.pipeline.held()
         log.info("stopped after %d events", self.processed - held)
         if held:
-            log.info("%d events of unfinished batches were not processed (from Kafka: read again after a restart)", held)
+            log.info("%d events of unfinished batches were not processed (from Kafka: kept in the checkpoint)", held)
         return 0
 
     # -- respond stage -------------------------------------------------------------------------
@@ -241,7 +254,10 @@ class DetectDaemon:
                 continue
             flag.clear()
             if name == "checkpoint":
-                self._checkpoint("interval")
+                if self.inputs:
+                    self._checkpoint("interval")
+                elif not self._checkpoint_kafka("interval"):
+                    break  # a stop's grace ran out: what was not committed is read again
                 continue
             try:
                 if name == "evict_idle_clients":
@@ -276,6 +292,99 @@ class DetectDaemon:
         except Exception:
             self.jobs.done("checkpoint", False)
             log.exception("checkpoint (%s) failed; state will be re-learned after a restart", reason)
+
+    def _checkpoint_kafka(self, reason: str) -> bool:
+        """Write the models' piece and each partition's (its clients, its held records, the offset
+        they match), then commit those offsets. False only when a stop's grace ran out; a failed
+        write is logged and tried again at the next interval (the previous checkpoint stands)."""
+        offsets = {key: self._read_up_to[key] for key in self._owned if key in self._read_up_to}
+        if not offsets or self.pieces is None:
+            return True
+        start = time.perf_counter()
+        try:
+            self.pieces.put("models", pack(self.pipeline.shared_state()))
+            for key, piece in self.pipeline.partition_state(set(offsets)).items():
+                piece["offset"] = offsets[key]
+                self.pieces.put(partition_key(*key), pack(piece))
+        except Exception:
+            self.jobs.done("checkpoint", False)
+            log.exception("checkpoint (%s) could not be written; the previous one stands", reason)
+            return True
+        timeout = seconds(self.config.kafka.ack_timeout)
+        refused = []
+
+        def commit() -> None:
+            try:
+                self.source.commit_offsets(offsets, timeout, sync=True, batch=False)
+            except (CommitFailedError, RebalanceInProgressError):
+                refused.append(True)  # a rebalance took partitions: their new owner goes on from the pieces
+
+        if not self._retrying("committing offsets", commit, self.metrics.commit_failures):
+            return False
+        took = time.perf_counter() - start
+        self.metrics.checkpoint_seconds.set(took)
+        self.metrics.events_held.set(self.pipeline.held())
+        if refused:
+            log.warning("checkpoint (%s): the commit was refused after a rebalance", reason)
+        self.jobs.done("checkpoint", not refused)
+        log.debug("checkpoint (%s) of %d partitions in %.3fs", reason, len(offsets), took)
+        return True
+
+    def _reassign(self) -> None:
+        """Follow the group's assignment: drop what this replica kept of the partitions it lost, and
+        take over the checkpoint pieces of those it was given (before reading their records)."""
+        for change in self.source.assignments():
+            revoked = self._owned - change.partitions
+            added = change.partitions - self._owned
+            self._owned = set(change.partitions)
+            if revoked:
+                dropped = self.pipeline.drop_partitions(revoked)
+                for key in revoked:
+                    self._read_up_to.pop(key, None)
+                self._adopted = [r for r in self._adopted if (r.topic, r.partition) not in revoked]
+                log.info("partitions revoked: %s (their state goes with them; %d held events dropped)",
+                         _names(revoked), dropped)
+            if added:
+                self._adopt({key: change.commits.get(key) for key in added})
+
+    def _adopt(self, commits: dict[tuple[str, int], int | None]) -> None:
+        """Take over the checkpoint pieces of newly assigned partitions (and the models' state, for the
+        models not watched here yet). A piece's offset is at or past its partition's commit (pieces are
+        written before the commit): the records below it are skipped, their outputs were published."""
+        pieces = {}
+        for key in sorted(commits):
+            try:
+                data = self.pieces.get(partition_key(*key)) if self.pieces is not None else None
+                if data is not None:
+                    pieces[key] = unpack(data)
+            except Exception:
+                log.exception("the checkpoint of %s could not be read; its clients start afresh", _names({key}))
+        if not pieces:
+            log.info("partitions assigned: %s (no checkpoint: state starts here)", _names(set(commits)))
+            return
+        try:
+            data = self.pieces.get("models")
+            if data is not None:
+                fresh = self.pipeline.restore_shared(unpack(data))
+                if fresh:
+                    log.info("restored detector state of %d models from the checkpoint", len(fresh))
+        except Exception:
+            log.exception("the models' checkpoint could not be read; their state starts afresh")
+        for key, piece in pieces.items():
+            committed, offset = commits[key], piece["offset"]
+            try:
+                self._adopted.extend(self.pipeline.adopt_partition(piece))
+            except Exception:
+                log.exception("the checkpoint of %s could not be restored; its clients start afresh", _names({key}))
+                continue
+            if committed is not None and offset < committed:
+                # Written by a replica that had lost the partition, after its new owner's commit: the
+                # clients miss the events between the two.
+                log.warning("the checkpoint of %s is %d events behind its commit", _names({key}), committed - offset)
+            else:
+                self._read_up_to[key] = offset
+            log.info("partition %s taken over at offset %d with %d held events and clients of %d models",
+                     _names({key}), offset, len(piece["held"]), len(piece["clients"]))
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -322,6 +431,9 @@ class DetectDaemon:
                                     Spool(Path(self.config.state.dir) / "undeliverable.jsonl"),
                                     seconds(self.config.kafka.ack_timeout), max_request)
         self.outputs.listeners.extend(self.listeners)
+        if self.pieces is None:
+            self.pieces = DirectoryPieces(self.config.state.dir, self.config.kafka.group_id)
+            self.pieces.prepare()
         try:
             if self.config.kafka.consumer_process:
                 from monitor.sources.fetcher import ProcessSource
@@ -374,12 +486,15 @@ class DetectDaemon:
                 self._set_ready(f"poll failed: {type(exc).__name__}")
                 self.stopping.wait(1.0)
                 continue
+            self._reassign()
             now = time.monotonic()
             if now - last_lag > 1.0:
                 self.source.update_lag()
                 last_lag = now
             caught_up = not records
-            if not records:
+            if not records and self._adopted:
+                records, self._adopted = self._adopted, []
+            elif not records:
                 reachable = self.source.broker_reachable()
                 self.metrics.broker_up.set(1 if reachable else 0)
                 self._set_ready("ok" if reachable else "broker unreachable")
@@ -388,7 +503,10 @@ class DetectDaemon:
             # Records read again (the consumer fetched from the last commit after an outage, a rebalance
             # or its process's restart) were processed or are held: not twice.
             records = [r for r in records if r.offset >= self._read_up_to.get((r.topic, r.partition), 0)]
+            if self._adopted:  # the held records of partitions taken over come first
+                records, self._adopted = self._adopted + records, []
             if not records:
+                self.source.done()  # all read before: the consumer process may ship the next batch
                 continue
             if self.first_batch_at is None:
                 self.first_batch_at = now
@@ -400,22 +518,10 @@ class DetectDaemon:
                 break
             self.processed += len(records)
             self.last_batch_at = time.monotonic()
-        if delivered and self.pipeline.held():
-            # a stop runs every held event, so the checkpoint and the commit agree (a restart then
-            # starts a new batch there, which a replay would not)
-            delivered = self._flush_idle(None, True)
-        self._final_commit()
         if delivered:
-            self._checkpoint("stop")
-        # else the detectors have seen a batch that will be redelivered: the previous checkpoint is
-        # kept rather than one that would feed them the batch twice after a restart.
-
-    def _final_commit(self) -> None:
-        """Wait for outstanding asynchronous commits by committing the last offsets synchronously."""
-        try:
-            self.source.commit_processed(seconds(self.config.kafka.ack_timeout))
-        except KafkaError as exc:
-            log.warning("final commit failed (%s); the last events will be redelivered", type(exc).__name__)
+            self._checkpoint_kafka("stop")  # the held events go into it: a restart goes on with them
+        # else the detectors have seen a batch whose outputs are not durable: the previous checkpoint
+        # stands, and its events are read again after a restart.
 
     def _retrying(self, what: str, attempt: Callable[[], None], failures: Any) -> bool:
         """Run ``attempt`` until it succeeds; False when a stop's grace ran out first."""
@@ -442,43 +548,28 @@ class DetectDaemon:
             delay = min(delay * 2, 5.0)
 
     def _deliver(self, result: Any, read: dict[tuple[str, int], int], batch: bool = True) -> bool:
-        """Publish ``result``, then commit the partitions in ``read`` (offset after the last record
-        read there) up to what is held; False when a stop's grace ran out first. ``batch``: a polled
-        batch's results (not those of held events run later)."""
+        """Publish ``result`` and note ``read`` (the offset after the last record read, per partition)
+        for the next checkpoint's commit; False when a stop's grace ran out first. ``batch``: a polled
+        batch's results (the consumer process then ships another)."""
         if not self._retrying("publishing outputs", lambda: self.outputs.publish(result),
                               self.metrics.publish_failures):
             return False
-        return self._commit(self._committable(read), batch)
-
-    def _commit(self, offsets: dict[tuple[str, int], int], batch: bool) -> bool:
-        """Commit asynchronously (the next poll overlaps it; a stop ends with _final_commit, synchronous),
-        retried while the broker is away; False when a stop's grace ran out first. ``batch``: the
-        commit answering a polled batch (not one of held events run later)."""
-        timeout = seconds(self.config.kafka.ack_timeout)
-
-        def commit() -> None:
-            try:
-                self.source.commit_offsets(offsets, timeout, sync=False, batch=batch)
-            except CommitFailedError:
-                # The group rebalanced away from us: the new owner re-reads from the last commit.
-                log.warning("commit refused after a rebalance; the events since the last commit will be redelivered")
-
-        return self._retrying("committing offsets", commit, self.metrics.commit_failures)
-
-    def _committable(self, read: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
-        """The offsets to commit for the partitions in ``read`` (the offsets after the records read
-        there): a commit stops before the first event still held for its tick, which a restart reads again."""
-        self._read_up_to.update(read)
-        floor = self.pipeline.held_floor()
+        for key, offset in read.items():  # held records taken over lie below what was read since
+            if offset > self._read_up_to.get(key, -1):
+                self._read_up_to[key] = offset
         self.metrics.events_held.set(self.pipeline.held())
-        return {key: min(offset, floor.get(key, offset)) for key, offset in read.items()}
+        if batch:
+            self.source.done()
+        return True
 
     def _flush_idle(self, idle_since: float | None, caught_up: bool) -> bool:
-        """Run the held ticks of models idle since ``idle_since`` (None: all), publish what they found
-        and commit their partitions; False when a stop's grace ran out first."""
-        before = self.pipeline.held_floor()
+        """Run the held ticks of models idle since ``idle_since`` (None: all) and publish what they
+        found; False when a stop's grace ran out first."""
         result = self.pipeline.flush(idle_since, caught_up)
         if not result.processed and not result.dead_letters:
             return True
-        return self._deliver(result, {key: self._read_up_to[key] for key in before if key in self._read_up_to},
-                             batch=False)
+        return self._deliver(result, {}, batch=False)
+
+
+def _names(keys: set[tuple[str, int]]) -> str:
+    return ", ".join(f"{topic}[{partition}]" for topic, partition in sorted(keys)) or "none"

@@ -55,6 +55,18 @@ class Held(NamedTuple):
     floor: dict[tuple[str, int], int]  # the lowest offset held per partition
 
 
+class StoredRecord(NamedTuple):
+    """A held record as a checkpoint keeps it (the attributes the pipeline reads of a RawRecord)."""
+
+    value: bytes | None
+    key: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int | None
+    headers: Any = None
+
+
 class ModelRoute:
     """A watched model's detectors, built from config on first sight."""
 
@@ -94,6 +106,9 @@ class Pipeline:
         self._done_tick: dict[str, float] = {}  # per model, the newest tick its detectors have read
         # Called after each batch a model's detectors read, with its route and batch (replay's figures).
         self.after_batch: Callable[[ModelRoute, ModelBatch], None] | None = None
+        # client id -> the (topic, partition) of its latest event: a partition's per-client state moves
+        # with it to the replica it is assigned to (client_id is the record key). Pruned at checkpoints.
+        self.partition_of: dict[str, tuple[str, int]] = {}
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -205,7 +220,9 @@ class Pipeline:
                 hold: bool = True) -> BatchResult:
         result = BatchResult(dead_letters=dead)
         m = self.metrics
+        partition_of = self.partition_of
         for model, (events, records) in grouped.items():
+            partition_of.update(zip([e.client_id for e in events], [(r.topic, r.partition) for r in records]))
             held = self._held.pop(model, None)
             if held is not None:
                 events, records = held.events + events, held.records + records
@@ -401,6 +418,103 @@ class Pipeline:
             if route is not None and route.detectors:
                 out[model] = {d.name: d.state() for d in route.detectors}
         return out
+
+    # -- state by partition --------------------------------------------------------------------------
+    # A checkpoint of the Kafka daemon is the models' shared state plus one piece per partition: the
+    # per-client state of the clients whose events come from it and the records held there. The
+    # replica a partition is assigned to takes its piece over (``adopt_partition``); the one it leaves
+    # drops it (``drop_partitions``).
+
+    def shared_state(self) -> dict[str, Any]:
+        """Detector state of every watched model without the per-client state, and where each model's
+        batches stand in event time."""
+        detectors = {model: dict(states) for model, states in self._restored.items()}
+        for model, route in self.routes.items():
+            if route is not None and route.detectors:
+                detectors[model] = {d.name: d.shared_state() for d in route.detectors}
+        return {"detectors": detectors, "done_tick": dict(self._done_tick)}
+
+    def restore_shared(self, saved: dict[str, Any]) -> list[str]:
+        """Restore ``shared_state`` for the models not watched yet (before their first events);
+        returns those models."""
+        fresh = [m for m in saved["detectors"] if m not in self.routes]
+        for model in fresh:
+            self._restored[model] = saved["detectors"][model]
+            if model in saved["done_tick"]:
+                self._done_tick[model] = saved["done_tick"][model]
+        return fresh
+
+    def partition_state(self, keys: set[tuple[str, int]]) -> dict[tuple[str, int], dict[str, Any]]:
+        """(topic, partition) -> {"clients": {model: {detector: state}}, "held": [StoredRecord, ...]} for
+        each of ``keys``."""
+        self._prune_partition_map()
+        ids: dict[tuple[str, int], set[str]] = {key: set() for key in keys}
+        for client, key in self.partition_of.items():
+            if key in ids:
+                ids[key].add(client)
+        out: dict[tuple[str, int], dict[str, Any]] = {
+            key: {"clients": {}, "held": []} for key in keys}
+        for route in self.watched():
+            for key, clients in ids.items():
+                states = {d.name: saved for d in route.detectors
+                          if (saved := d.clients_state(clients)) is not None}
+                if states:
+                    out[key]["clients"][route.model] = states
+        for held in self._held.values():
+            for r in held.records:
+                piece = out.get((r.topic, r.partition))
+                if piece is not None:
+                    piece["held"].append(StoredRecord(r.value, r.key, r.topic, r.partition, r.offset, r.timestamp,
+                                                      getattr(r, "headers", None)))
+        return out
+
+    def adopt_partition(self, saved: dict[str, Any]) -> list[StoredRecord]:
+        """Take over a partition's piece of a checkpoint; returns its held records, which the caller
+        hands to ``process`` before the partition's new records."""
+        for model, states in saved["clients"].items():
+            route = self.routes.get(model, False)
+            if route is False:
+                route = self._route(model)
+            if route is None or route.label == OTHER_MODEL:
+                continue
+            for detector in route.detectors:
+                if detector.name in states:
+                    try:
+                        detector.adopt_clients(states[detector.name])
+                    except Exception:
+                        log.exception("could not take over the %s clients of %s; they start afresh", detector.name, model)
+        return list(saved["held"])
+
+    def drop_partitions(self, keys: set[tuple[str, int]]) -> int:
+        """Forget the clients and held events of partitions now read by another replica; returns how
+        many held events were dropped (the new owner reads them from the last checkpoint)."""
+        gone = {c for c, key in self.partition_of.items() if key in keys}
+        for c in gone:
+            del self.partition_of[c]
+        for route in self.watched():
+            for detector in route.detectors:
+                detector.forget_clients(gone)
+        dropped = 0
+        for model, held in list(self._held.items()):
+            keep = [i for i, r in enumerate(held.records) if (r.topic, r.partition) not in keys]
+            if len(keep) == len(held.records):
+                continue
+            dropped += len(held.records) - len(keep)
+            if not keep:
+                del self._held[model]
+                continue
+            records = [held.records[i] for i in keep]
+            floor = {key: offset for key, offset in held.floor.items() if key not in keys}
+            self._held[model] = held._replace(events=[held.events[i] for i in keep], records=records, floor=floor)
+        return dropped
+
+    def _prune_partition_map(self) -> None:
+        """Keep the client -> partition map to the clients some detector tracks."""
+        tracked = {c for route in self.watched() for d in route.detectors for c in d.tracked_clients()}
+        for held in self._held.values():
+            tracked.update(e.client_id for e in held.events)
+        if len(tracked) < len(self.partition_of):
+            self.partition_of = {c: key for c, key in self.partition_of.items() if c in tracked}
 
     def describe(self) -> list[dict[str, Any]]:
         return [

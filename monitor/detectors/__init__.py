@@ -176,6 +176,30 @@ class Detector:
     def restore(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    # Per-client state moves with its Kafka partition (client_id is the record key): a checkpoint
+    # keeps each partition's clients apart from the model's shared state, so that the replica that is
+    # assigned the partition takes them over. Detectors without per-client state keep the defaults.
+
+    def shared_state(self) -> dict[str, Any]:
+        """``state()`` without the per-client state (which ``clients_state`` exports by partition);
+        ``restore`` of it leaves no client tracked."""
+        return self.state()
+
+    def tracked_clients(self) -> list[str]:
+        """The ids of the clients this detector keeps state for."""
+        return []
+
+    def clients_state(self, ids: set[str]) -> Any:
+        """The state of the tracked clients among ``ids`` (picklable), for ``adopt_clients``."""
+        return None
+
+    def adopt_clients(self, saved: Any) -> None:
+        """Take over clients exported by ``clients_state`` (of this or another replica's detector of
+        the same model), replacing what is kept for them."""
+
+    def forget_clients(self, ids: set[str]) -> None:
+        """Drop the state of the clients among ``ids`` (their partition went to another replica)."""
+
     def report_figures(self, batch: ModelBatch) -> dict[str, Any]:
         """Where the detector stands after reading ``batch``, as a few numbers for the replay report's
         plots (see docs/replay-report.md); None where it is still learning. Not called live."""

@@ -1,5 +1,6 @@
 """What the per-client detectors (``confidence``, ``resource``) share: grouping a batch's events by
-client, the model-wide rate a client is compared with, and the eviction of idle clients."""
+client, the model-wide rate a client is compared with, the eviction of idle clients, and the
+``Detector`` methods that move a partition's clients between replicas (``ClientsByDict``)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,28 @@ def evict(clients: dict[str, Any], now: float, idle: float, keep_above: float, l
         for _, c in candidates[: excess + limit // 10]:
             del clients[c]
     return before - len(clients)
+
+
+class ClientsByDict:
+    """The per-partition ``Detector`` methods for a detector whose per-client state is the dict
+    ``self.clients`` (client id -> a picklable state object)."""
+
+    clients: dict[str, Any]
+
+    def shared_state(self) -> dict[str, Any]:
+        return {k: v for k, v in self.state().items() if k != "clients"}  # type: ignore[attr-defined]
+
+    def tracked_clients(self) -> list[str]:
+        return list(self.clients)
+
+    def clients_state(self, ids: set[str]) -> dict[str, Any]:
+        clients = self.clients
+        return {c: clients[c] for c in ids if c in clients}
+
+    def adopt_clients(self, saved: dict[str, Any]) -> None:
+        self.clients.update(saved)
+
+    def forget_clients(self, ids: set[str]) -> None:
+        clients = self.clients
+        for c in ids:
+            clients.pop(c, None)

@@ -40,7 +40,7 @@ import numpy as np
 from monitor.detections import Detection, make_detection
 from monitor.detectors import Detector, ModelBatch
 from monitor.detectors import cusum, reference as reference_file
-from monitor.detectors.clients import compared_rate, evict, group_by_client
+from monitor.detectors.clients import ClientsByDict, compared_rate, evict, group_by_client
 from monitor.errors import ConfigError
 
 log = logging.getLogger("inferwatch.detectors.confidence")
@@ -66,7 +66,7 @@ class ClientState:
         self.statistic, self.events, self.marks, self.last_ts, self.quiet_until = state
 
 
-class LowConfidence(Detector):
+class LowConfidence(ClientsByDict, Detector):
     """Bernoulli CUSUM on low-confidence marks, per model and per client, calibrated to an ERT."""
 
     name: ClassVar[str] = "confidence"

@@ -190,6 +190,39 @@ class ClientTable:
             gone = candidates[np.argpartition(self.last_ts[candidates], take - 1)[:take]]
         self._release(gone)
 
+    def emptied(self) -> "ClientTable":
+        """A table of the same shape with no client (the model's shared state in a checkpoint)."""
+        table = ClientTable.__new__(ClientTable)
+        table.capacity, table.fields, table.size = self.capacity, self.fields, 0
+        table.ids, table.slot_of, table.free = [], {}, []
+        table._grow(min(self.capacity, 64))
+        return table
+
+    def export(self, ids: set[str]) -> dict[str, Any]:
+        """The rows of the tracked clients among ``ids``: {"ids": [...], field: array, ...}."""
+        taken = [(c, s) for c, s in self.slot_of.items() if c in ids]
+        slots = np.asarray([s for _, s in taken], dtype=np.int64)
+        return {"ids": [c for c, _ in taken], **{name: getattr(self, name)[slots].copy() for name in self.fields}}
+
+    def adopt(self, rows: dict[str, Any]) -> None:
+        """Take over exported rows, replacing these clients' rows; clients that find the table full
+        (of suspicious clients) are left out."""
+        for i, client in enumerate(rows["ids"]):
+            slot = self.slot_of.get(client)
+            if slot is None:
+                if not self.free and self.size < self.capacity:
+                    self._grow(min(self.capacity, 2 * self.size))
+                if not self.free:
+                    break
+                slot = self.free.pop()
+                self.ids[slot] = client
+                self.slot_of[client] = slot
+            for name in self.fields:
+                getattr(self, name)[slot] = rows[name][i]
+
+    def forget(self, ids: set[str]) -> None:
+        self._release(np.asarray([s for c, s in self.slot_of.items() if c in ids], dtype=np.int64))
+
     def _release(self, gone: np.ndarray) -> None:
         for slot in gone.tolist():
             del self.slot_of[self.ids[slot]]
@@ -277,6 +310,45 @@ class Probing(Detector):
 
     def state(self) -> dict[str, Any]:
         return {k: v for k, v in super().state().items() if k != "confidence"}
+
+    def shared_state(self) -> dict[str, Any]:
+        state = self.state()
+        if self.clients is not None:
+            state["clients"] = self.clients.emptied()
+        return state
+
+    def tracked_clients(self) -> list[str]:
+        return list(self.clients.slot_of) if self.clients is not None else []
+
+    def clients_state(self, ids: set[str]) -> dict[str, Any] | None:
+        if self.clients is None:
+            return None
+        return {"basis": self._basis(), **self.clients.export(ids)}
+
+    def adopt_clients(self, saved: dict[str, Any] | None) -> None:
+        if not saved or self.clients is None:
+            return
+        # The rings hold queries projected on the reference's components: rows projected on another
+        # reference's (a replica that learnt its own) would be compared with the wrong neighbours.
+        if saved["basis"] != self._basis():
+            log.warning("%s: %d clients' probing state was made on another reference; they start afresh",
+                        self.model, len(saved["ids"]))
+            return
+        self.clients.adopt(saved)
+
+    def _basis(self) -> str:
+        """A digest of what projects a query and codes its class."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for array in (self.mean, self.sd, self.components):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(repr(sorted(self.class_codes.items())).encode())
+        return digest.hexdigest()[:16]
+
+    def forget_clients(self, ids: set[str]) -> None:
+        if self.clients is not None:
+            self.clients.forget(ids)
 
     def restore(self, state: dict[str, Any]) -> None:
         if reference_file.still_valid(state, self.params.reference, self.model):

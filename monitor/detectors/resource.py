@@ -53,7 +53,7 @@ import numpy as np
 
 from monitor.detections import Detection, make_detection
 from monitor.detectors import Detector, ModelBatch, cusum, rank_cusum
-from monitor.detectors.clients import compared_rate, evict, group_by_client
+from monitor.detectors.clients import ClientsByDict, compared_rate, evict, group_by_client
 from monitor.detectors.drift import RECENT, Chart, ColumnGroup
 from monitor.detectors.rank_cusum import BINS
 
@@ -184,7 +184,7 @@ class ClientState:
          self.cost) = state
 
 
-class Resource(Detector):
+class Resource(ClientsByDict, Detector):
     """Cost regressions per version, sponge clients, payloads, error spikes and server gauges."""
 
     name: ClassVar[str] = "resource"

@@ -13,6 +13,7 @@ import os
 import pickle
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -91,3 +92,61 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# -- the Kafka daemon's checkpoints ------------------------------------------------------------------
+# A checkpoint is written as pieces under keys: the models' shared state ("models") and one piece per
+# partition (its clients' state, its held records and the offset they match). Each piece replaces the
+# previous one under its key. The offsets are committed after the pieces are written, so a piece's
+# offset is never behind its partition's commit: the replica that is assigned the partition reads the
+# piece and goes on from the piece's offset (see monitor/daemon.py).
+
+
+def pack(state: Any) -> bytes:
+    return zlib.compress(pickle.dumps({"format": _FORMAT, "state": state}, protocol=pickle.HIGHEST_PROTOCOL), 1)
+
+
+def unpack(data: bytes) -> Any:
+    saved = pickle.loads(zlib.decompress(data))
+    if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+        raise ValueError("unknown checkpoint format")
+    return saved["state"]
+
+
+def partition_key(topic: str, partition: int) -> str:
+    return f"partition/{topic}/{partition}"
+
+
+class DirectoryPieces:
+    """Checkpoint pieces as files in ``<state dir>/checkpoints/<group>/``, each written atomically.
+    Replicas that share the directory (a ReadWriteMany volume) share their checkpoints."""
+
+    def __init__(self, directory: str | Path, group: str):
+        self.dir = Path(directory) / "checkpoints" / _safe(group)
+
+    def prepare(self) -> None:
+        CheckpointStore(self.dir).prepare()
+
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{_safe(key)}.pkl.z"
+
+    def put(self, key: str, data: bytes) -> None:
+        with atomic_file(self._path(key), 0o600) as handle:
+            handle.write(data)
+
+    def get(self, key: str) -> bytes | None:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def close(self) -> None:
+        pass
+
+
+def _safe(name: str) -> str:
+    """A file name for a key or group id (topic names are [a-zA-Z0-9._-]; anything else is quoted)."""
+    import urllib.parse
+
+    return urllib.parse.quote(name, safe="._-")

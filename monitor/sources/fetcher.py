@@ -26,11 +26,14 @@ from kafka.errors import KafkaError
 
 from monitor.config import Config
 from monitor.ops.metrics import Metrics
-from monitor.sources.kafka import next_offsets, publish_lag
+from monitor.sources.kafka import Assignment, next_offsets, publish_lag
 
 log = logging.getLogger("inferwatch.fetcher")
 
 MAX_IN_FLIGHT = 2
+# The commit errors that mean "not yours any more" (a rebalance), not "try again".
+REFUSED = frozenset({"CommitFailedError", "RebalanceInProgressError", "IllegalGenerationError",
+                     "UnknownMemberIdError"})
 STATUS_EVERY = 0.5
 
 
@@ -85,10 +88,10 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
             while conn.poll(0 if in_flight < MAX_IN_FLIGHT else 0.2):
                 message = _decode_message(conn.recv_bytes())
                 kind = message[0]
-                if kind == "commit":  # ("commit", [[topic, partition, next_offset], ...], sync, ack id, batch)
-                    _, offsets, sync, ack, batch = message
-                    in_flight -= batch  # the answer to a shipped batch (not a commit of held events run later)
-                    error = _commit(source, {(t, p): o for t, p, o in offsets}, sync)
+                if kind == "commit":  # ("commit", [[topic, partition, next_offset], ...], sync, ack id, batch, timeout)
+                    _, offsets, sync, ack, batch, timeout = message
+                    in_flight -= batch  # the answer to a shipped batch
+                    error = _commit(source, {(t, p): o for t, p, o in offsets}, sync, timeout) if offsets else None
                     if sync:
                         conn.send_bytes(_encoder.encode(("ack", ack, error)))
                 elif kind == "final":  # commit everything processed, synchronously, then stop
@@ -108,6 +111,9 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
                 except KafkaError as exc:
                     log.debug("poll failed: %s", exc)
                     records = []
+                for change in source.assignments():  # before the batch read on it
+                    conn.send_bytes(_encoder.encode(("assignment", [[t, p] for t, p in change.partitions],
+                                                     [[t, p, o] for (t, p), o in change.commits.items()])))
                 if records:
                     conn.send_bytes(_encoder.encode(("batch", [
                         (r.value, r.key, r.topic, r.partition, r.offset, r.timestamp, r.headers or None)
@@ -124,11 +130,11 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
         source.close()
 
 
-def _commit(source: Any, offsets: dict[tuple[str, int], int], sync: bool) -> str | None:
+def _commit(source: Any, offsets: dict[tuple[str, int], int], sync: bool, timeout: float) -> str | None:
     try:
-        source.commit_offsets(offsets, sync=sync)
-    except Exception as exc:  # a rebalance took the partitions: they are redelivered to their owner
-        log.warning("commit failed (%s); those events will be redelivered", type(exc).__name__)
+        source.commit_offsets(offsets, timeout, sync=sync)
+    except Exception as exc:  # a rebalance took the partitions, or the broker is away: the daemon says so
+        log.debug("commit failed (%s)", type(exc).__name__)
         return type(exc).__name__
     return None
 
@@ -145,6 +151,7 @@ class ProcessSource:
         self._reachable = True
         self._lag: dict[tuple[str, str], int] = {}
         self._lag_labels: set[tuple[str, str]] = set()
+        self._assignments: list[Assignment] = []
         self._start()
 
     def _start(self) -> None:
@@ -182,6 +189,12 @@ class ProcessSource:
         kind = message[0]
         if kind == "batch":
             self._batches.append(message[1])
+        elif kind == "assignment":
+            partitions = frozenset((t, p) for t, p in message[1])
+            # batches shipped before the rebalance: their revoked partitions' records are the new owner's
+            self._batches = [kept for records in self._batches
+                             if (kept := [r for r in records if (r.topic, r.partition) in partitions])]
+            self._assignments.append(Assignment(partitions, {(t, p): o for t, p, o in message[2]}))
         elif kind == "status":
             self._reachable = bool(message[1])
             self._lag = {(topic, partition): value for topic, partition, value in message[2]}
@@ -218,10 +231,12 @@ class ProcessSource:
                 break
             message = self._recv()
             if message[0] == "ack" and message[1] == ack:
-                if message[2]:
+                if message[2] in REFUSED:
                     from kafka.errors import CommitFailedError
 
-                    raise CommitFailedError(f"commit failed in the consumer process: {message[2]}")
+                    raise CommitFailedError(f"commit refused in the consumer process: {message[2]}")
+                if message[2]:
+                    raise KafkaError(f"commit failed in the consumer process: {message[2]}")
                 return
             self._handle(message)
         raise ChildFailed("no answer to a commit from the consumer process")
@@ -229,11 +244,19 @@ class ProcessSource:
     def commit(self, records: Sequence[Any], timeout: float = 10.0, sync: bool = True) -> None:
         self.commit_offsets(next_offsets(records), timeout, sync)
 
+    def assignments(self) -> list[Assignment]:
+        out, self._assignments = self._assignments, []
+        return out
+
+    def done(self) -> None:
+        """A shipped batch is processed: the consumer process may ship another."""
+        self.commit_offsets({}, sync=False)
+
     def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0, sync: bool = True,
                        batch: bool = True) -> None:
-        """Commit (topic, partition) -> next offset to read, through the consumer process; ``batch``: the
-        commit answering a batch it shipped (it then ships one more), not one of held events run later."""
-        if not offsets:
+        """Commit (topic, partition) -> next offset to read, through the consumer process; ``batch``:
+        the answer to a batch it shipped (it then ships one more)."""
+        if not offsets and not batch:
             return
         if not self.process.is_alive():
             # Its partitions go to the next consumer, which re-reads from the last commit: these
@@ -243,11 +266,11 @@ class ProcessSource:
         ack = next(self._acks)
         try:
             wire = [[t, p, o] for (t, p), o in offsets.items()]
-            self._conn.send_bytes(_encoder.encode(("commit", wire, sync, ack, int(batch))))
+            self._conn.send_bytes(_encoder.encode(("commit", wire, sync, ack, int(batch), timeout)))
         except OSError as exc:
             raise ChildFailed(f"the consumer process is gone: {exc}") from None
         if sync:
-            self._wait_ack(ack, timeout)
+            self._wait_ack(ack, timeout + 1)
 
     def commit_processed(self, timeout: float) -> None:
         if not self.process.is_alive():

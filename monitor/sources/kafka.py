@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
@@ -166,6 +166,8 @@ class KafkaSource:
         self._lag_labels: set[tuple[str, str]] = set()
         self._warned_internals = False
         self._processed: dict[TopicPartition, OffsetAndMetadata] = {}  # next offset to read, per partition
+        self._assigned: set[tuple[str, int]] = set()
+        self._assignments: list[Assignment] = []  # changes not yet taken by ``assignments``
 
     def poll(self) -> list[Any]:
         """Up to ``poll.max_records`` records, flattened across partitions in partition order.
@@ -192,7 +194,36 @@ class KafkaSource:
             if not more:
                 break
             out.extend(r for records in more.values() for r in records)
+        self._note_assignment()
         return out
+
+    def _note_assignment(self) -> None:
+        """After a poll (where the group rebalances): a changed assignment, with the committed offset
+        of each partition new here."""
+        now = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        if now == self._assigned:
+            return
+        commits = {key: self._committed(key) for key in now - self._assigned}
+        self._assigned = now
+        self._assignments.append(Assignment(frozenset(now), commits))
+
+    def _committed(self, key: tuple[str, int]) -> int | None:
+        for attempt in range(3):
+            try:
+                return self.consumer.committed(TopicPartition(*key), timeout_ms=5000)
+            except Exception as exc:  # KafkaError, or a timeout: the broker is slow to answer
+                problem = exc
+                time.sleep(0.5 * (attempt + 1))
+        log.warning("the committed offset of %s[%d] could not be read (%s)", key[0], key[1], type(problem).__name__)
+        return None
+
+    def assignments(self) -> list["Assignment"]:
+        """The assignment changes since the last call, oldest first."""
+        out, self._assignments = self._assignments, []
+        return out
+
+    def done(self) -> None:
+        """A polled batch is processed (the consumer process ships the next one then)."""
 
     def commit(self, records: Sequence[Any], timeout: float = 10.0, sync: bool = True) -> None:
         """Commit the offsets after the last of ``records`` in each partition."""
@@ -200,15 +231,18 @@ class KafkaSource:
 
     def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0, sync: bool = True,
                        batch: bool = True) -> None:
-        """Commit (topic, partition) -> next offset to read.
+        """Commit (topic, partition) -> next offset to read, for the partitions still assigned here: a
+        partition the group gave to another replica is that replica's to commit.
 
         ``sync=False`` sends the commit without waiting for its answer: the loop goes on polling, and
         a lost async commit only means a later commit (or the final synchronous one) covers it.
         Commits go to the group coordinator in order, so a late answer never moves offsets back.
         """
-        if not offsets:
-            return
+        assigned = self.consumer.assignment()
         committed = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        committed = {tp: om for tp, om in committed.items() if tp in assigned}
+        if not committed:
+            return
         self._processed.update(committed)
         if sync:
             self.consumer.commit(committed, timeout_ms=int(timeout * 1000))
@@ -263,6 +297,14 @@ class KafkaSource:
             self.consumer.close(autocommit=False)
         except Exception:
             log.exception("closing the consumer")
+
+
+class Assignment(NamedTuple):
+    """The partitions assigned after a rebalance, and for each one new here its committed offset
+    (None where nothing was committed or it could not be read)."""
+
+    partitions: frozenset[tuple[str, int]]
+    commits: dict[tuple[str, int], int | None]
 
 
 def next_offsets(records: Sequence[Any]) -> dict[tuple[str, int], int]:
