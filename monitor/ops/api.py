@@ -83,6 +83,7 @@ class OperatorSurface:
         if not self.persist:
             return
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
             self.register.archive(read_incidents(self.journal))
             self.inventory.save(self.dir)
             self.register.save(self.dir)

@@ -44,11 +44,13 @@ class HyperLogLog:
 
     def add(self, items: Iterable[str]) -> None:
         """Count the strings of ``items`` (pass distinct ones: each is hashed)."""
-        digests = b"".join(hashlib.blake2b(item.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-                           for item in items)
-        if not digests:
+        self.add_hashes(hashes(items))
+
+    def add_hashes(self, hashed: np.ndarray) -> None:
+        """Count items already hashed with ``hashes`` (one hashing serves several sketches)."""
+        if not len(hashed):
             return
-        hashes = np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+        hashes = hashed
         p = np.uint64(self.precision)
         index = (hashes >> (np.uint64(64) - p)).astype(np.intp)
         rest = hashes & np.uint64((1 << (64 - self.precision)) - 1)
@@ -89,3 +91,10 @@ class HyperLogLog:
             raise ValueError(f"expected {len(sketch.registers)} registers, got {len(registers)}")
         sketch.registers = registers.copy()
         return sketch
+
+
+def hashes(items: Iterable[str]) -> np.ndarray:
+    """The 64-bit BLAKE2b hashes of ``items``, as uint64."""
+    digests = b"".join(hashlib.blake2b(item.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+                       for item in items)
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from monitor.detections import Detection
-from monitor.ops.hll import HyperLogLog
+from monitor.ops.hll import HyperLogLog, hashes
 from monitor.ops.state import atomic_file
 
 log = logging.getLogger("inferwatch.inventory")
@@ -131,17 +131,24 @@ class Inventory:
                                                     "events_at_detection": None})
             lo, hi = float(ts.min()), float(ts.max())
             _seen(entry.totals, n, lo, hi)
-            entry.totals.clients.add({c for _, c in pairs if c is not None})
             if len(per_version) == 1:
                 spans = {versions[0]: (lo, hi)}
             else:
                 labels = np.asarray(versions, dtype=object)
                 spans = {v: (float(ts[mask].min()), float(ts[mask].max()))
                          for v in per_version for mask in [labels == v]}
+            clients_of: dict[str, list[str]] = {}
+            for version, client in pairs:
+                if client is not None:
+                    clients_of.setdefault(version, []).append(client)
+            hashed = {version: hashes(clients) for version, clients in clients_of.items()}
+            if hashed:  # each distinct pair hashed once; the model's sketch takes them all (repeats change nothing)
+                entry.totals.clients.add_hashes(np.concatenate(list(hashed.values())))
             for version, count in per_version.items():
                 target = self._version(entry, version, detectors)
                 _seen(target, count, *spans[version])
-                target.clients.add({c for v, c in pairs if v == version and c is not None})
+                if version in hashed:
+                    target.clients.add_hashes(hashed[version])
             for name in entry.live:
                 entry.detectors[name]["phase"] = entry.phase(name)
 

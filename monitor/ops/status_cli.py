@@ -159,7 +159,8 @@ def _get(base: str, path: str, token: str) -> dict[str, Any]:
 def render_status(view: dict[str, Any], where: str, incidents: list[dict[str, Any]]) -> str:
     models = view["models"]
     lines = [f"{len(models)} model{'s' if len(models) != 1 else ''} watched, {view['open_incidents']} open "
-             f"incident{'s' if view['open_incidents'] != 1 else ''} ({where}; times UTC, event time)", ""]
+             f"incident{'s' if view['open_incidents'] != 1 else ''} ({where}; times UTC: seen and detected in event "
+             "time, incidents on the daemon's clock)", ""]
     header = ["MODEL / VERSION", "EVENTS", "CLIENTS~", "FIRST SEEN", "LAST SEEN", "DETECTORS", "DETECTIONS",
               "INCIDENTS OPEN/ALL"]
     rows = []
@@ -185,7 +186,8 @@ def render_status(view: dict[str, Any], where: str, incidents: list[dict[str, An
         for i in open_ones:
             steps = ", ".join(f"{s['step']} {s['state']}" for s in i["steps"]) or "no steps"
             lines.append(f"  {i['model']}  {i['id']}  {i['playbook']}{' (dry run)' if i['dry_run'] else ''}  "
-                         f"opened {_when(i['opened_at'])}, {i['detections']} detections; steps: {steps}")
+                         f"opened {_when(i['opened_at'])}, {i['detections']} detection{'s' if i['detections'] != 1 else ''}; "
+                         f"steps: {steps}")
     if not models:
         lines.append("(no model seen yet)")
     return "\n".join(lines)
