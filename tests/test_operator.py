@@ -456,3 +456,14 @@ def test_status_says_when_neither_a_daemon_nor_a_state_directory_is_there(tmp_pa
     assert empty.returncode == 2 and "no inventory.json, register.json or journal.sqlite yet" in empty.stderr
     no_token = cli("status", "--url", url, env={"INFERWATCH_ADMIN_TOKEN": ""})
     assert no_token.returncode == 2 and "INFERWATCH_ADMIN_TOKEN is not set" in no_token.stderr
+
+
+def test_status_reads_the_state_directory_when_the_daemon_cannot_be_reached(tmp_path: Path) -> None:
+    register = RiskRegister()
+    register.record(detection("model_extraction", T0))
+    register.save(tmp_path)
+    url = f"http://127.0.0.1:{free_port()}"
+    fallback = cli("status", "--url", url, "--state-dir", str(tmp_path), env={"INFERWATCH_ADMIN_TOKEN": TOKEN})
+    assert fallback.returncode == 0, fallback.stderr
+    assert f"the daemon at {url} cannot be reached" in fallback.stderr and f"reading {tmp_path} instead" in fallback.stderr
+    assert fallback.stdout.startswith(f"0 models watched, 0 open incidents (state directory {tmp_path};")

@@ -129,15 +129,16 @@ class OperatorSurface:
 
 
 def models_view(inventory: Inventory, register: RiskRegister, journal: Path | None) -> dict[str, Any]:
-    """Every model of the inventory with its open and total incidents."""
+    """Every model of the inventory with its open and total incidents, and the open incidents."""
     incidents = register.all_incidents(journal)
     rows = inventory.summaries()
     for row in rows:
         mine = [i for i in incidents if i["model"] == row["model"]]
         row["open_incidents"] = sum(1 for i in mine if i["state"] == "open")
         row["incidents_total"] = len(mine)
+    open_ones = [i for i in incidents if i["state"] == "open"]
     return {"generated_at": time.time(), "saved_at": inventory.saved_at, "models": rows,
-            "open_incidents": sum(1 for i in incidents if i["state"] == "open")}
+            "open_incidents": len(open_ones), "incidents_open": open_ones}
 
 
 def model_view(inventory: Inventory, register: RiskRegister, journal: Path | None, name: str) -> dict[str, Any] | None:

@@ -50,11 +50,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump({**view, "source": where}, sys.stdout, indent=2, sort_keys=True)
         print()
         return 0
-    incidents = None
-    if view["open_incidents"]:
-        incidents, _ = _read(args, "/api/incidents",
-                             lambda d: {"incidents": RiskRegister.load(d).all_incidents(d / JOURNAL)})
-    print(render_status(view, where, incidents["incidents"] if incidents else []))
+    print(render_status(view, where))
     return 0
 
 
@@ -156,7 +152,7 @@ def _get(base: str, path: str, token: str) -> dict[str, Any]:
 # -- the table ---------------------------------------------------------------------------------------
 
 
-def render_status(view: dict[str, Any], where: str, incidents: list[dict[str, Any]]) -> str:
+def render_status(view: dict[str, Any], where: str) -> str:
     models = view["models"]
     lines = [f"{len(models)} model{'s' if len(models) != 1 else ''} watched, {view['open_incidents']} open "
              f"incident{'s' if view['open_incidents'] != 1 else ''} ({where}; times UTC: seen and detected in event "
@@ -180,7 +176,7 @@ def render_status(view: dict[str, Any], where: str, incidents: list[dict[str, An
             d = m["last_detection"]
             lines.append(f"  {m['model']}  {_when(d['ts'])}  {d['detector']}/{d['kind']} ({d['severity']})"
                          + (f" client {d['client_id']}" if d.get("client_id") else "") + f": {d['summary']}")
-    open_ones = [i for i in incidents if i["state"] == "open"]
+    open_ones = view["incidents_open"]
     if open_ones:
         lines += ["", "open incidents:"]
         for i in open_ones:
