@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ examples:
   inferwatch playbooks test -p playbooks --detection d.json  which playbooks match, which steps would run
   inferwatch pending                                         steps awaiting approval (INFERWATCH_ADMIN_TOKEN)
   inferwatch approve INCIDENT STEP --by alice                approve one (reject: the same with reject)
+  inferwatch status                                          models watched, detectors' phases, what fired
+  inferwatch status -c configs/inferwatch.yaml --json        the same offline, from the state directory
+  inferwatch register export --format csv -o register.csv    the risk register for an audit
   inferwatch replay -c configs/inferwatch.yaml --input logs/*.jsonl.gz --report r.json --html r.html
   inferwatch replay -c configs/inferwatch.yaml --topic inference-logs --client mallory --report r.json \\
                     --from 2025-11-27T08:00:00Z --to 2025-11-27T09:00:00Z   forensics on Kafka's history
@@ -183,6 +187,37 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--token-env", metavar="VAR", default="INFERWATCH_ADMIN_TOKEN",
                          help="environment variable holding the admin token (default INFERWATCH_ADMIN_TOKEN)")
 
+    # The operator surface (monitor.ops.status_cli).
+    from monitor.ops.status_cli import add_source_arguments
+
+    status = sub.add_parser(
+        "status", help="what is watched and where it stands: models, versions, detectors, detections, incidents",
+        description=textwrap.fill("A table of every model and version the daemon has seen (events, distinct clients, first "
+                    "and last seen), its detectors' phases (learning its reference, armed, alarming: a "
+                    "detection within the detector's cooldown), its last detection and its open incidents. "
+                    "Asks a running daemon (GET /api/models with the admin token from the environment) or reads "
+                    "the state directory offline (-c CONFIG or --state-dir DIR).", 100),
+        epilog="examples:\n  INFERWATCH_ADMIN_TOKEN=... inferwatch status --url http://inferwatch:9108\n"
+               "  inferwatch status -c configs/inferwatch.yaml --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_arguments(status)
+    status.add_argument("--json", action="store_true", help="print the inventory as JSON (as GET /api/models)")
+    register = sub.add_parser("register", help="the risk register: detections by ATLAS/OWASP technique, incidents")
+    register_sub = register.add_subparsers(dest="register_command", metavar="SUBCOMMAND")
+    export = register_sub.add_parser(
+        "export", help="write the risk register as CSV or JSON, for an audit",
+        description=textwrap.fill("Per model: detections per UTC day, version, detector, kind and severity with their MITRE "
+                    "ATLAS techniques and OWASP ML Top 10 entries, and every incident with the steps its "
+                    "playbook ran (the journal's, and those the register kept after the journal forgot them). "
+                    "JSON adds totals per technique and day. Asks a running daemon (GET /api/register) or reads "
+                    "the state directory offline (-c CONFIG or --state-dir DIR).", 100),
+        epilog="examples:\n  inferwatch register export --format csv -o register.csv\n"
+               "  inferwatch register export -c configs/inferwatch.yaml --format json > register.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_arguments(export)
+    export.add_argument("--format", choices=["csv", "json"], default="json", help="csv or json (default json)")
+    export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+
     demo = sub.add_parser("demo", help="run the whole flow on an embedded broker with a real model's traffic",
                           description="Starts the embedded Kafka-protocol broker (unless --bootstrap is given), "
                                       "streams traffic of a scikit-learn model with injected incidents (a drift, "
@@ -206,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command is None:
         parser().print_usage(sys.stderr)
-        print("inferwatch: error: a command is needed: run, replay, check, demo, playbooks, pending, approve "
-              "or reject (inferwatch --help explains them)", file=sys.stderr)
+        print("inferwatch: error: a command is needed: run, replay, check, demo, playbooks, pending, approve, "
+              "reject, status or register (inferwatch --help explains them)", file=sys.stderr)
         return 2
     try:
         if args.command == "check":
@@ -223,6 +258,17 @@ def main(argv: list[str] | None = None) -> int:
             from monitor.respond.cli import cmd_admin
 
             return cmd_admin(args)
+        if args.command == "status":
+            from monitor.ops.status_cli import cmd_status
+
+            return cmd_status(args)
+        if args.command == "register":
+            if args.register_command != "export":
+                print("inferwatch: error: inferwatch register export [--format csv|json] [-o FILE]", file=sys.stderr)
+                return 2
+            from monitor.ops.status_cli import cmd_register_export
+
+            return cmd_register_export(args)
         if args.command == "run":
             return cmd_run(args)
         if args.command == "replay":

@@ -97,6 +97,14 @@ class DetectDaemon:
         self.http: HttpServer | None = None
         if http:
             self.http = HttpServer(config.http.host, config.http.port, self.metrics, self.health, self.readiness)
+        # The operator surface: model inventory and risk register, kept beside the checkpoint; /api/*.
+        from monitor.ops.api import OperatorSurface
+
+        self.operator = OperatorSurface(config, self.metrics, persist=self.store is not None)
+        self.pipeline.after_batch = self.operator.after_batch
+        self.listeners.append(self.operator.on_detection)
+        if self.http:
+            self.operator.routes(self.http)
         self.processed = 0
         # monotonic times of the first and latest non-empty batch, for throughput measurements
         self.first_batch_at: float | None = None
@@ -282,6 +290,7 @@ class DetectDaemon:
         return found
 
     def _checkpoint(self, reason: str) -> None:
+        self.operator.save()
         if self.store is None:
             return
         try:

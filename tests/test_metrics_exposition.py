@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from monitor.config import load_config
+from monitor.ops.api import OperatorSurface
 from monitor.ops.metrics import Metrics
 from monitor.ops.scheduler import Jobs
 from monitor.pipeline import Pipeline
@@ -32,9 +33,10 @@ def worked_metrics() -> Metrics:
     model over the limit, a failing detector, a checkpoint, and the lag of a partition."""
     metrics = Metrics()
     metrics.build.info({"version": "test"})
-    pipeline = Pipeline(load_config(None, {"limits.max_models": 2,
-                                           "detectors": {"drift": {}, "confidence": {"reference_size": 1000}}}),
-                        metrics)
+    config = load_config(None, {"limits.max_models": 2, "detectors": {"drift": {}, "confidence": {"reference_size": 1000}}})
+    pipeline = Pipeline(config, metrics)
+    operator = OperatorSurface(config, metrics, persist=False)  # the daemon's model inventory
+    pipeline.after_batch = operator.after_batch
     rng = random.Random(5)
     events = [{"event_id": f"e{i}", "ts": 1_764_000_000 + i * 0.01, "model": "fraud",
                "confidence": min(1.0, rng.gauss(0.93, 0.02)) if i < 3000 else rng.gauss(0.6, 0.05)}
@@ -56,6 +58,7 @@ def worked_metrics() -> Metrics:
     pipeline.flush()  # the end of the input: the newest ticks run too
     jobs = Jobs(metrics)
     jobs.done("checkpoint", True)
+    operator.save()
     jobs.done("checkpoint", False)
     metrics.scrape_up.labels("fraud-0").set(1)  # what the scrape job sets (tests/test_scrape_and_jobs.py)
     metrics.server_resource.labels("fraud", "fraud-0", "memory_mb").set(512.0)

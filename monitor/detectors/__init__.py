@@ -205,6 +205,21 @@ class Detector:
         plots (see docs/replay-report.md); None where it is still learning. Not called live."""
         return {}
 
+    def armed(self) -> bool:
+        """False while the detector still learns its reference (it cannot alarm yet)."""
+        return True
+
+    def phase(self, events_since_detection: int | None) -> str:
+        """Where the detector stands, for the model inventory: ``learning`` (its reference is not learnt
+        yet), ``alarming`` (it reported a detection fewer than its ``cooldown`` of the model's events
+        ago: ``events_since_detection``, None when it never did) or ``armed``."""
+        if not self.armed():
+            return "learning"
+        cooldown = max(1, int(getattr(self.params, "cooldown", 0) or 0))
+        if events_since_detection is not None and events_since_detection < cooldown:
+            return "alarming"
+        return "armed"
+
     def describe(self) -> dict[str, Any]:
         """What the detector watches and where it stands, for people (status, /api)."""
         return {"detector": self.name, "model": self.model, "params": msgspec.to_builtins(self.params)}

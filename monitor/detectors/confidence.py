@@ -327,6 +327,9 @@ class LowConfidence(ClientsByDict, Detector):
         rate = float((scores < self.bound).mean()) if scores.size else None
         return {"low_confidence_rate": rate, "low_confidence_reference": self.p0, "low_confidence_alarm": self.p1}
 
+    def armed(self) -> bool:
+        return self.h is not None
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         top = sorted(self.clients.items(), key=lambda kv: -kv[1].statistic)[:10]

@@ -759,6 +759,9 @@ class Drift(Detector):
                 largest = max(largest, float((group.statistics / h).max()))
         return {"drift": largest}
 
+    def armed(self) -> bool:
+        return self.built
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out.update({

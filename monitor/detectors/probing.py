@@ -735,6 +735,9 @@ class Probing(Detector):
         slots = [s for s in np.argsort(-risk, kind="stable")[: 4 * top].tolist() if table.ids[s] is not None][:top]
         return {"client_risk": {table.ids[s]: round(float(risk[s]), 4) for s in slots}}
 
+    def armed(self) -> bool:
+        return self.clients is not None
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         table = self.clients

@@ -922,6 +922,9 @@ class Resource(ClientsByDict, Detector):
         median = baseline.median("latency_ms")
         return {"latency_baseline_median": median, "latency_threshold": median * self.params.min_ratio}
 
+    def armed(self) -> bool:
+        return self.established is not None
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         versions = {}

@@ -28,6 +28,8 @@ Response = Union[tuple[int, str, bytes], tuple[int, str, bytes, dict[str, str]]]
 Handler = Callable[[], Response]
 # A handler that sees the request: method, headers, and a callable returning the body (read on first call).
 RequestHandler = Callable[[str, Any, Callable[[], bytes]], Response]
+# A handler of every path under a prefix: as RequestHandler, and the rest of the path after the prefix.
+PrefixHandler = Callable[[str, Any, Callable[[], bytes], str], Response]
 MAX_BODY = 65536
 CLIENT_TIMEOUT = 10.0  # seconds one socket read or write of a connection may take
 
@@ -50,6 +52,8 @@ class HttpServer:
         }
         self.request_routes: dict[str, RequestHandler] = {}
         routes, request_routes = self.routes, self.request_routes
+        self.prefix_routes: dict[str, PrefixHandler] = {}
+        prefix_routes = self.prefix_routes
 
         class _Handler(BaseHTTPRequestHandler):
             server_version = "inferwatch"
@@ -75,6 +79,13 @@ class HttpServer:
                     elif path in routes:
                         answer = routes[path]() if method == "GET" else json_response(
                             405, {"error": f"{path} answers GET only"}, {"Allow": "GET"})
+                    elif prefix := next((p for p in prefix_routes if path.startswith(p) and path != p), None):
+                        framing = body.frame(self.headers)
+                        if framing is not None:
+                            self.close_connection = True
+                            answer = framing
+                        else:
+                            answer = prefix_routes[prefix](method, self.headers, body.read, path[len(prefix):])
                     else:
                         answer = json_response(404, {"error": "not found",
                                                      "paths": sorted([*routes, *request_routes])})
@@ -123,6 +134,11 @@ class HttpServer:
         """A route whose handler sees the method and the headers (GET and POST), and is given a callable
         that reads the body: call it after authenticating, never before."""
         self.request_routes[path] = handler
+
+    def route_prefix(self, prefix: str, handler: PrefixHandler) -> None:
+        """A route for every path under ``prefix`` (``/api/models/`` answers ``/api/models/fraud``), its
+        handler given the rest of the path as well; exact routes come first."""
+        self.prefix_routes[prefix] = handler
 
     def start(self) -> "HttpServer":
         self.thread.start()

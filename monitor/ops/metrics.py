@@ -88,3 +88,11 @@ class Metrics:
         self.approvals_pending = Gauge(
             "inferwatch_approvals_pending", "Playbook steps waiting for an operator's approval", registry=r)
         self.build = Info("inferwatch_build", "Version of the running daemon", registry=r)
+        # The operator surface (monitor.ops.inventory): one series per model and version in the inventory,
+        # at most limits.max_models x inventory.MAX_VERSIONS.
+        self.model_info = Info(
+            "inferwatch_model", "A model version the detect stage watches, with its detectors", ["model", "version"],
+            registry=r)
+        self.model_clients = Gauge(
+            "inferwatch_model_clients", "Distinct clients seen per model (HyperLogLog estimate, about 2% error), "
+            "as of the last checkpoint", ["model"], registry=r)

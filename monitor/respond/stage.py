@@ -9,7 +9,6 @@ crash redelivers them and the journal's record of handled detections makes that 
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import msgspec
 from monitor.config import Config, seconds
 from monitor.detections import Detection
 from monitor.errors import ConfigError
+from monitor.ops.auth import bearer_guard, only
 from monitor.ops.http import Response, json_response
 from monitor.respond import playbooks as pb
 from monitor.respond.actions.base import Services
@@ -199,32 +199,9 @@ class RespondStage:
     # ------------------------------------------------------------ admin HTTP
 
     def admin_routes(self, http: Any) -> None:
-        """The admin endpoints. Each checks the method, then the bearer token, and only then reads the body.
-
-        Tokens are compared as HMAC-SHA256 digests under a key drawn at start: compare_digest on equal
-        lengths, so neither the time taken nor an early exit tells how long the token is."""
-        token_env = self.config.respond.admin_token_env
-        key = os.urandom(32)
-
-        def digest(text: str) -> bytes:
-            return hmac.new(key, text.encode("utf-8", "surrogateescape"), "sha256").digest()
-
-        def authorized(headers: Any) -> Response | None:
-            token = os.environ.get(token_env, "")
-            if not token:
-                return json_response(503, {"error": f"the admin API is off: set {token_env} to a secret token"})
-            scheme, _, given = headers.get("Authorization", "").strip().partition(" ")
-            # The scheme is case-blind (RFC 9110 §11.1); the token is not.
-            matches = hmac.compare_digest(digest(given.strip()), digest(token))
-            if scheme.lower() != "bearer" or not matches:
-                return json_response(401, {"error": "missing or wrong bearer token"},
-                                     {"WWW-Authenticate": 'Bearer realm="inferwatch-admin"'})
-            return None
-
-        def only(allowed: str, method: str) -> Response | None:
-            if method != allowed:
-                return json_response(405, {"error": f"use {allowed}"}, {"Allow": allowed})
-            return None
+        """The admin endpoints. Each checks the method, then the bearer token (``monitor.ops.auth``), and
+        only then reads the body."""
+        authorized = bearer_guard(self.config.respond.admin_token_env)
 
         def pending(method: str, headers: Any, read_body: Any) -> Response:
             return (only("GET", method) or authorized(headers)
