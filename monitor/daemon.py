@@ -306,6 +306,7 @@ class DetectDaemon:
         """Write the models' piece and each partition's (its clients, its held records, the offset
         they match), then commit those offsets. False only when a stop's grace ran out; a failed
         write is logged and tried again at the next interval (the previous checkpoint stands)."""
+        self.operator.save()
         offsets = {key: self._read_up_to[key] for key in self._owned if key in self._read_up_to}
         if not offsets or self.pieces is None:
             return True
