@@ -250,6 +250,9 @@ def test_values_schema_allows_every_config_section():
 
 @pytest.mark.parametrize("values, complaint", [
     ({"persistence": {"enabled": True}, "stages": {"all": {"replicas": 2}}}, "stages.all.replicas"),
+    ({"persistence": {"enabled": True, "accessModes": ["ReadWriteMany"]}, "stages": {"all": {"replicas": 2}}},
+     "stages.all.replicas"),  # a shared journal: two replicas would both act
+    ({"persistence": {"enabled": True}, "stages": {"split": True, "detect": {"replicas": 2}}}, "stages.detect.replicas"),
     ({"kafka": {"sasl": {"enabled": True}}}, "kafka.sasl.existingSecret"),
     ({"kafka": {"tls": {"enabled": True}}}, "kafka.tls.existingSecret"),
     ({"playbooks": {"examples": False}}, "playbooks: enabled with no playbook"),
@@ -401,6 +404,18 @@ def test_persistence_gives_each_stage_a_claim_and_recreates_pods():
         assert deployment["spec"]["strategy"] == {"type": "Recreate"}
         state = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "state")
         assert state["persistentVolumeClaim"]["claimName"] == f"{FULLNAME}-{stage}-state"
+
+
+def test_detect_replicas_share_a_read_write_many_claim_and_roll():
+    values = {**MATRIX["persistence-restricted-egress"], "persistence": {"enabled": True, "accessModes": ["ReadWriteMany"]},
+              "stages": {"split": True, "detect": {"replicas": 3}}}
+    manifests = render(values)
+    detect = deployments(manifests)["detect"]
+    assert detect["spec"]["replicas"] == 3 and "strategy" not in detect["spec"]  # a rolling update
+    state = next(v for v in detect["spec"]["template"]["spec"]["volumes"] if v["name"] == "state")
+    claim = next(c for c in of_kind(manifests, "PersistentVolumeClaim") if c["metadata"]["name"] == f"{FULLNAME}-detect-state")
+    assert state["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_example_playbooks_are_the_repositorys():

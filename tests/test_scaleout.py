@@ -138,3 +138,89 @@ def test_dropping_a_partition_forgets_its_clients_and_held_events(demo_traffic) 
     assert ATTACKER not in probing.tracked_clients()
     assert 0 < dropped <= held_before and pipeline.held() == held_before - dropped
     assert all(r.partition == 1 for held in pipeline._held.values() for r in held.records)
+
+
+# -- live: two daemons in one group -----------------------------------------------------------------
+
+
+def produce_to_partitions(broker: Broker, topic: str, traffic: list[tuple[bytes, bytes]]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20, batch_size=512 * 1024)
+    for key, value in traffic:
+        producer.send(topic, key=key, value=value, partition=partition_of(key))
+    producer.flush(60)
+    producer.close()
+
+
+def committed_total(broker: Broker, group: str, topic: str) -> int:
+    from tests.test_crash import committed
+
+    return committed(broker.bootstrap, group, topic, 2)
+
+
+def live_alarm(broker: Broker, tmp_path: Path, traffic: list[tuple[bytes, bytes]], daemons: list[Daemon],
+               second: bool) -> tuple[int, list[Daemon]]:
+    """Run the daemon (and, with ``second``, a second replica that joins after a third of the attack's
+    queries before the alarm and leaves after two thirds) on ``traffic`` produced in three parts;
+    returns the attacker's query count at the first model-extraction alarm, and the daemons."""
+    tmp_path.mkdir()
+    topics = broker.topics("scale", partitions=2)
+    raw = yaml.safe_load((ROOT / "configs/inferwatch.yaml").read_text())
+    state = tmp_path / "state"  # shared, as a ReadWriteMany volume would be
+    common = {"detectors": raw["detectors"], "event_time": {"min_batch_events": 200}}
+    one = write_config(tmp_path / "one.yaml", broker.bootstrap, topics, state, **common)
+    group = yaml.safe_load(one.read_text())["kafka"]["group_id"]
+    # its member id sorts first, so the range assignor gives it partition 0: the attacker's
+    two = write_config(tmp_path / "two.yaml", broker.bootstrap, topics, state, **common)
+    settings = yaml.safe_load(two.read_text())
+    settings["kafka"].update(group_id=group, client_id="a-second")
+    two.write_text(yaml.safe_dump(settings))
+
+    join, leave = after_query(traffic, 2), after_query(traffic, 5)
+    first = Daemon(one, tmp_path / f"first-{second}.log", "--stage", "detect")
+    daemons.append(first)
+    produce_to_partitions(broker, topics["logs"], traffic[:join])
+    first.wait_for(lambda: committed_total(broker, group, topics["logs"]) == join, timeout=120, what="the first part")
+    # Each part ends with its models idle, their held ticks run (a wall-clock matter): the same
+    # batches with one replica or two.
+    first.wait_for(lambda: first.metric("inferwatch_events_held") == 0, what="the first part's last ticks")
+    runs = [first]
+    if second:
+        other = Daemon(two, tmp_path / "second.log", "--stage", "detect")
+        daemons.append(other)
+        runs.append(other)
+        other.wait_for(lambda: "taken over" in other.log(), timeout=60, what="the second replica to take partition 0")
+        assert "partitions revoked" in first.log()
+    produce_to_partitions(broker, topics["logs"], traffic[join:leave])
+    first.wait_for(lambda: committed_total(broker, group, topics["logs"]) == leave, timeout=120, what="the second part")
+    for run in runs:
+        run.wait_for(lambda: run.metric("inferwatch_events_held") == 0, what="the second part's last ticks")
+    if second:
+        assert runs[1].stop() == 0
+        first.wait_for(lambda: first.log().count("taken over") >= 1, timeout=60, what="partition 0 back")
+    produce_to_partitions(broker, topics["logs"], traffic[leave:])
+    first.wait_for(lambda: committed_total(broker, group, topics["logs"]) == len(traffic), timeout=180,
+                   what="every event committed")
+    found = []
+    for _ in range(60):  # the last ticks run once the model is idle
+        found = [json.loads(r.value) for r in broker.consume_all(topics["detections"])]
+        if any(d["kind"] == "model_extraction" and d["client_id"] == ATTACKER for d in found):
+            break
+        time.sleep(1)
+    assert first.stop() == 0
+    alarms = sorted((d for d in found if d["kind"] == "model_extraction" and d["client_id"] == ATTACKER),
+                    key=lambda d: d["ts"])
+    assert alarms, "the attacker was not found"
+    return attacker_query(traffic, alarms[0]["evidence"]["event_ids"][-1]), runs
+
+
+@pytest.mark.slow
+def test_a_replica_joining_and_leaving_mid_attack_finds_the_attacker_as_one_replica_does(
+        broker: Broker, tmp_path: Path, demo_traffic: list[tuple[bytes, bytes]], daemons: list[Daemon]) -> None:
+    alone, _ = live_alarm(broker, tmp_path / "alone", demo_traffic, daemons, second=False)
+    shared, (first, other) = live_alarm(broker, tmp_path / "pair", demo_traffic, daemons, second=True)
+    assert alone > 5, "the alarm comes after the second replica left: it needed the history it kept"
+    assert shared == alone
+    # the attacker's partition went to the second replica and came back, with its state each time
+    assert "taken over at offset" in other.log() and "taken over at offset" in first.log()
