@@ -315,7 +315,8 @@ class DetectDaemon:
             self.pieces.put("models", pack(self.pipeline.shared_state()))
             for key, piece in self.pipeline.partition_state(set(offsets)).items():
                 piece["offset"] = offsets[key]
-                self.pieces.put(partition_key(*key), pack(piece))
+                if not self.pieces.put(partition_key(*key), pack(piece), offset=offsets[key]):
+                    log.info("%s has a newer checkpoint by its new owner: not replaced", _names({key}))
         except Exception:
             self.jobs.done("checkpoint", False)
             log.exception("checkpoint (%s) could not be written; the previous one stands", reason)
@@ -355,7 +356,7 @@ class DetectDaemon:
                 log.info("partitions revoked: %s (their state goes with them; %d held events dropped)",
                          _names(revoked), dropped)
             if added:
-                self._adopt({key: change.commits.get(key) for key in added})
+                self._adopt({key: change.commits.get(key, -1) for key in added})
 
     def _adopt(self, commits: dict[tuple[str, int], int | None]) -> None:
         """Take over the checkpoint pieces of newly assigned partitions (and the models' state, for the
@@ -365,7 +366,12 @@ class DetectDaemon:
         for key in sorted(commits):
             try:
                 data = self.pieces.get(partition_key(*key)) if self.pieces is not None else None
-                if data is not None:
+                if data is not None and commits[key] is None:
+                    # Nothing committed, yet a checkpoint: the topic or the group's offsets were deleted
+                    # since. It belongs to a stream that is gone, and would hold newer pieces back.
+                    log.warning("the checkpoint of %s belongs to offsets that are gone; removed", _names({key}))
+                    self.pieces.remove(partition_key(*key))
+                elif data is not None:
                     pieces[key] = unpack(data)
             except Exception:
                 log.exception("the checkpoint of %s could not be read; its clients start afresh", _names({key}))
@@ -387,7 +393,7 @@ class DetectDaemon:
             except Exception:
                 log.exception("the checkpoint of %s could not be restored; its clients start afresh", _names({key}))
                 continue
-            if committed is not None and offset < committed:
+            if committed is not None and 0 <= committed and offset < committed:
                 # Written by a replica that had lost the partition, after its new owner's commit: the
                 # clients miss the events between the two.
                 log.warning("the checkpoint of %s is %d events behind its commit", _names({key}), committed - offset)

@@ -253,6 +253,8 @@ def test_values_schema_allows_every_config_section():
     ({"persistence": {"enabled": True, "accessModes": ["ReadWriteMany"]}, "stages": {"all": {"replicas": 2}}},
      "stages.all.replicas"),  # a shared journal: two replicas would both act
     ({"persistence": {"enabled": True}, "stages": {"split": True, "detect": {"replicas": 2}}}, "stages.detect.replicas"),
+    ({"stages": {"all": {"replicas": 2}}}, "the respond stage runs one replica"),
+    ({"stages": {"split": True, "respond": {"replicas": 2}}}, "stages.respond.replicas"),
     ({"kafka": {"sasl": {"enabled": True}}}, "kafka.sasl.existingSecret"),
     ({"kafka": {"tls": {"enabled": True}}}, "kafka.tls.existingSecret"),
     ({"playbooks": {"examples": False}}, "playbooks: enabled with no playbook"),

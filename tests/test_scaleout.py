@@ -140,6 +140,20 @@ def test_dropping_a_partition_forgets_its_clients_and_held_events(demo_traffic) 
     assert all(r.partition == 1 for held in pipeline._held.values() for r in held.records)
 
 
+def test_a_partitions_checkpoint_is_not_replaced_by_an_older_one(tmp_path: Path) -> None:
+    from monitor.ops.state import DirectoryPieces
+
+    pieces = DirectoryPieces(tmp_path, "group")
+    pieces.prepare()
+    assert pieces.put("partition/logs/0", b"new owner", offset=500)
+    # the replica that lost the partition checkpoints once more before it notices
+    assert not pieces.put("partition/logs/0", b"old owner", offset=400)
+    assert pieces.get("partition/logs/0") == b"new owner"
+    assert pieces.put("partition/logs/0", b"next", offset=500) and pieces.get("partition/logs/0") == b"next"
+    assert pieces.put("models", b"any") and pieces.get("models") == b"any"
+    assert pieces.get("partition/logs/1") is None
+
+
 # -- live: two daemons in one group -----------------------------------------------------------------
 
 

@@ -8,9 +8,11 @@ directory belongs to the daemon and must not be writable by anyone else.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import pickle
+import struct
 import tempfile
 import time
 import zlib
@@ -119,7 +121,13 @@ def partition_key(topic: str, partition: int) -> str:
 
 class DirectoryPieces:
     """Checkpoint pieces as files in ``<state dir>/checkpoints/<group>/``, each written atomically.
-    Replicas that share the directory (a ReadWriteMany volume) share their checkpoints."""
+    Replicas that share the directory (a ReadWriteMany volume) share their checkpoints.
+
+    A partition's piece starts with its offset and never replaces a piece of a higher offset: a
+    replica that lost the partition and checkpoints once more before it notices (its consumer process
+    tells it at its next poll) cannot put its older piece over the new owner's."""
+
+    HEADER = struct.Struct(">q")
 
     def __init__(self, directory: str | Path, group: str):
         self.dir = Path(directory) / "checkpoints" / _safe(group)
@@ -130,16 +138,35 @@ class DirectoryPieces:
     def _path(self, key: str) -> Path:
         return self.dir / f"{_safe(key)}.pkl.z"
 
-    def put(self, key: str, data: bytes) -> None:
-        with atomic_file(self._path(key), 0o600) as handle:
-            handle.write(data)
+    def put(self, key: str, data: bytes, offset: int = -1) -> bool:
+        """Write ``data`` under ``key``; with ``offset`` (a partition's piece), unless the piece there
+        has a higher one. Returns whether it was written."""
+        path = self._path(key)
+        with open(self.dir / f".{path.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another replica's put of the same key waits
+            if offset >= 0:
+                try:
+                    with open(path, "rb") as handle:
+                        (current,) = self.HEADER.unpack(handle.read(self.HEADER.size))
+                    if current > offset:
+                        return False
+                except (FileNotFoundError, struct.error):
+                    pass
+            with atomic_file(path, 0o600) as handle:
+                handle.write(self.HEADER.pack(offset))
+                handle.write(data)
+        return True
 
     def get(self, key: str) -> bytes | None:
-        path = self._path(key)
         try:
-            return path.read_bytes()
+            data = self._path(key).read_bytes()
         except FileNotFoundError:
             return None
+        return data[self.HEADER.size:]
+
+    def remove(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
 
     def close(self) -> None:
         pass

@@ -215,7 +215,7 @@ class KafkaSource:
                 problem = exc
                 time.sleep(0.5 * (attempt + 1))
         log.warning("the committed offset of %s[%d] could not be read (%s)", key[0], key[1], type(problem).__name__)
-        return None
+        return -1
 
     def assignments(self) -> list["Assignment"]:
         """The assignment changes since the last call, oldest first."""
@@ -301,7 +301,7 @@ class KafkaSource:
 
 class Assignment(NamedTuple):
     """The partitions assigned after a rebalance, and for each one new here its committed offset
-    (None where nothing was committed or it could not be read)."""
+    (None where nothing was committed, -1 where it could not be read)."""
 
     partitions: frozenset[tuple[str, int]]
     commits: dict[tuple[str, int], int | None]
