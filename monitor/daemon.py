@@ -3,10 +3,11 @@ scheduled checkpoints and a clean stop.
 
 The loop's one promise: offsets move only after the outputs of what they cover are durable, and only
 together with the detector state that read those events. On Kafka a checkpoint is the commit: the
-models' state and one piece per partition (its clients' state and its held events) are written, then
-each partition's offset is committed with a pointer to its piece as the commit's metadata. A restart,
-or the replica a partition is assigned to after a rebalance, finds offset and state together (see
-README "Scale-out"). When the broker is away the loop keeps the batch in hand, retries with backoff
+models' state and one piece per partition (its clients' state, its held events and the offset after
+the last record read there) are written, then the offsets are committed (up to the first held event,
+so that a replica without the piece reads the held events again). A restart, or the replica a
+partition is assigned to after a rebalance, takes the piece over and goes on from its offset (see
+README "Scale-out and crash safety"). When the broker is away the loop keeps the batch in hand, retries with backoff
 (logged once), reports not-ready, and goes on where it stopped when the broker is back. SIGTERM or
 SIGINT finishes the batch, checkpoints (and so commits) and closes; a second signal stops at once (the
 events since the last checkpoint are then read again: nothing is lost).
@@ -32,7 +33,7 @@ from monitor.ops.http import HttpServer
 from monitor.ops.metrics import Metrics
 from monitor.ops.scheduler import Jobs
 from monitor.ops.state import CheckpointStore, DirectoryPieces, pack, partition_key, unpack
-from monitor.pipeline import BatchResult, Pipeline, StoredRecord
+from monitor.pipeline import BatchResult, Pipeline
 from monitor.publish import FileOutputs, KafkaOutputs, PublishError, Spool
 from monitor.sources.kafka import next_offsets
 
@@ -79,6 +80,7 @@ class DetectDaemon:
         if restored:
             log.info("restored detector state of %d models from %s", len(restored), self.store.dir)
         self.pipeline = Pipeline(config, self.metrics, restored)
+        self.pipeline.track_partitions = not self.inputs  # a partition's clients move with it
         self.stopping = threading.Event()
         self.listeners: list[Callable[[Detection], None]] = []
         self.source: Any = None
@@ -88,7 +90,7 @@ class DetectDaemon:
         self._ready_reason = "starting"
         self._read_up_to: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after the last read
         self._owned: set[tuple[str, int]] = set()  # the partitions the group assigned here
-        self._adopted: list[StoredRecord] = []  # held records of partitions taken over, read before the next poll's
+        self._adopted: list[Any] = []  # held records of partitions taken over, read before the next poll's
         self.pieces: DirectoryPieces | None = None  # where the Kafka checkpoints go
         self._last_loop = time.monotonic()
         self._stopped_at: float | None = None
@@ -310,6 +312,10 @@ class DetectDaemon:
         offsets = {key: self._read_up_to[key] for key in self._owned if key in self._read_up_to}
         if not offsets or self.pieces is None:
             return True
+        # A replica without the pieces (another state directory, a lost volume) reads the held events
+        # again from the commit; the piece's offset, past them, is where its owner goes on.
+        floor = self.pipeline.held_floor()
+        commits = {key: min(offset, floor.get(key, offset)) for key, offset in offsets.items()}
         start = time.perf_counter()
         try:
             self.pieces.put("models", pack(self.pipeline.shared_state()))
@@ -326,7 +332,7 @@ class DetectDaemon:
 
         def commit() -> None:
             try:
-                self.source.commit_offsets(offsets, timeout, sync=True, batch=False)
+                self.source.commit_offsets(commits, timeout, sync=True, batch=False)
             except (CommitFailedError, RebalanceInProgressError):
                 refused.append(True)  # a rebalance took partitions: their new owner goes on from the pieces
 
@@ -378,29 +384,34 @@ class DetectDaemon:
         if not pieces:
             log.info("partitions assigned: %s (no checkpoint: state starts here)", _names(set(commits)))
             return
+        self._restore_models()
+        for key, piece in pieces.items():
+            committed, offset = commits[key], piece["offset"]
+            # Written by a replica that had lost the partition, after its new owner's commit: its
+            # clients miss the events between the two, and its held events were read since.
+            stale = committed is not None and 0 <= committed and offset < committed
+            try:
+                self._adopted.extend(self.pipeline.adopt_partition(key, piece, held=not stale))
+            except Exception:
+                log.exception("the checkpoint of %s could not be restored; its clients start afresh", _names({key}))
+                continue
+            if stale:
+                log.warning("the checkpoint of %s is %d events behind its commit", _names({key}), committed - offset)
+            else:
+                self._read_up_to[key] = offset
+                log.info("partition %s taken over at offset %d with %d held events and %d clients",
+                         _names({key}), offset, len(piece["held"]), len(piece["ids"]))
+
+    def _restore_models(self) -> None:
+        """The models' shared state of the last checkpoint, for the models not watched here yet."""
         try:
-            data = self.pieces.get("models")
+            data = self.pieces.get("models") if self.pieces is not None else None
             if data is not None:
                 fresh = self.pipeline.restore_shared(unpack(data))
                 if fresh:
                     log.info("restored detector state of %d models from the checkpoint", len(fresh))
         except Exception:
             log.exception("the models' checkpoint could not be read; their state starts afresh")
-        for key, piece in pieces.items():
-            committed, offset = commits[key], piece["offset"]
-            try:
-                self._adopted.extend(self.pipeline.adopt_partition(piece))
-            except Exception:
-                log.exception("the checkpoint of %s could not be restored; its clients start afresh", _names({key}))
-                continue
-            if committed is not None and 0 <= committed and offset < committed:
-                # Written by a replica that had lost the partition, after its new owner's commit: the
-                # clients miss the events between the two.
-                log.warning("the checkpoint of %s is %d events behind its commit", _names({key}), committed - offset)
-            else:
-                self._read_up_to[key] = offset
-            log.info("partition %s taken over at offset %d with %d held events and clients of %d models",
-                     _names({key}), offset, len(piece["held"]), len(piece["clients"]))
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -485,6 +496,9 @@ class DetectDaemon:
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
         self._set_ready("ok")
+        # Before anything is routed (the scraper's figures may come before the first assignment): the
+        # models' references come back rather than being learnt again.
+        self._restore_models()
         last_lag, delivered, caught_up = 0.0, True, False
         while not self.stopping.is_set():
             self._last_loop = time.monotonic()
@@ -507,10 +521,9 @@ class DetectDaemon:
             if now - last_lag > 1.0:
                 self.source.update_lag()
                 last_lag = now
-            caught_up = not records
-            if not records and self._adopted:
-                records, self._adopted = self._adopted, []
-            elif not records:
+            polled = bool(records)
+            caught_up = not polled
+            if not records and not self._adopted:
                 reachable = self.source.broker_reachable()
                 self.metrics.broker_up.set(1 if reachable else 0)
                 self._set_ready("ok" if reachable else "broker unreachable")
@@ -522,13 +535,14 @@ class DetectDaemon:
             if self._adopted:  # the held records of partitions taken over come first
                 records, self._adopted = self._adopted + records, []
             if not records:
-                self.source.done()  # all read before: the consumer process may ship the next batch
+                if polled:
+                    self._done()  # all read before: the consumer process may ship the next batch
                 continue
             if self.first_batch_at is None:
                 self.first_batch_at = now
             with self.metrics.batch_seconds.time():
                 result = self.pipeline.process(records)
-                delivered = self._deliver(result, next_offsets(records))
+                delivered = self._deliver(result, next_offsets(records), batch=polled)
             self.metrics.batch_events.observe(len(records))
             if not delivered:
                 break
@@ -575,8 +589,16 @@ class DetectDaemon:
                 self._read_up_to[key] = offset
         self.metrics.events_held.set(self.pipeline.held())
         if batch:
-            self.source.done()
+            self._done()
         return True
+
+    def _done(self) -> None:
+        """Tell the source a polled batch is processed; a consumer process that is gone is replaced
+        at the next poll."""
+        try:
+            self.source.done()
+        except (KafkaError, OSError) as exc:
+            log.debug("could not tell the consumer process a batch is done: %s", exc)
 
     def _flush_idle(self, idle_since: float | None, caught_up: bool) -> bool:
         """Run the held ticks of models idle since ``idle_since`` (None: all) and publish what they

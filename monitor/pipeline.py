@@ -24,6 +24,7 @@ log = logging.getLogger("inferwatch.pipeline")
 
 NO_MODEL = "__none__"  # the model label of messages that never became events
 STALE_SECONDS = 60.0  # wall-clock seconds after which held events are read whatever their ticks
+PARTITION_MAP_BOUND = 1_000_000  # clients in ``Pipeline.partition_of`` before it is pruned to those tracked
 
 
 class RawRecord(Protocol):
@@ -53,18 +54,6 @@ class Held(NamedTuple):
     batch: int  # ... and the number of the batch it came in
     since: float  # monotonic time the oldest of them was first held
     floor: dict[tuple[str, int], int]  # the lowest offset held per partition
-
-
-class StoredRecord(NamedTuple):
-    """A held record as a checkpoint keeps it (the attributes the pipeline reads of a RawRecord)."""
-
-    value: bytes | None
-    key: bytes | None
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int | None
-    headers: Any = None
 
 
 class ModelRoute:
@@ -107,7 +96,9 @@ class Pipeline:
         # Called after each batch a model's detectors read, with its route and batch (replay's figures).
         self.after_batch: Callable[[ModelRoute, ModelBatch], None] | None = None
         # client id -> the (topic, partition) of its latest event: a partition's per-client state moves
-        # with it to the replica it is assigned to (client_id is the record key). Pruned at checkpoints.
+        # with it to the replica it is assigned to (client_id is the record key). Kept by the Kafka
+        # daemon only (``track_partitions``); pruned at checkpoints and when it grows past a bound.
+        self.track_partitions = False
         self.partition_of: dict[str, tuple[str, int]] = {}
 
     # -- routing -------------------------------------------------------------------------------
@@ -220,9 +211,13 @@ class Pipeline:
                 hold: bool = True) -> BatchResult:
         result = BatchResult(dead_letters=dead)
         m = self.metrics
-        partition_of = self.partition_of
+        if self.track_partitions:
+            partition_of = self.partition_of
+            for events, records in grouped.values():
+                partition_of.update(zip([e.client_id for e in events], [(r.topic, r.partition) for r in records]))
+            if len(partition_of) > PARTITION_MAP_BOUND:
+                self._prune_partition_map()
         for model, (events, records) in grouped.items():
-            partition_of.update(zip([e.client_id for e in events], [(r.topic, r.partition) for r in records]))
             held = self._held.pop(model, None)
             if held is not None:
                 events, records = held.events + events, held.records + records
@@ -445,32 +440,29 @@ class Pipeline:
         return fresh
 
     def partition_state(self, keys: set[tuple[str, int]]) -> dict[tuple[str, int], dict[str, Any]]:
-        """(topic, partition) -> {"clients": {model: {detector: state}}, "held": [StoredRecord, ...]} for
-        each of ``keys``."""
+        """(topic, partition) -> {"ids": [client ids], "clients": {model: {detector: state}}, "held":
+        [raw records]} for each of ``keys``. One pass over each detector's clients."""
         self._prune_partition_map()
-        ids: dict[tuple[str, int], set[str]] = {key: set() for key in keys}
-        for client, key in self.partition_of.items():
-            if key in ids:
-                ids[key].add(client)
-        out: dict[tuple[str, int], dict[str, Any]] = {
-            key: {"clients": {}, "held": []} for key in keys}
+        owner = {client: key for client, key in self.partition_of.items() if key in keys}
+        out: dict[tuple[str, int], dict[str, Any]] = {key: {"ids": [], "clients": {}, "held": []} for key in keys}
+        for client, key in owner.items():
+            out[key]["ids"].append(client)
         for route in self.watched():
-            for key, clients in ids.items():
-                states = {d.name: saved for d in route.detectors
-                          if (saved := d.clients_state(clients)) is not None}
-                if states:
-                    out[key]["clients"][route.model] = states
+            for detector in route.detectors:
+                for key, saved in detector.clients_state(owner).items():
+                    out[key]["clients"].setdefault(route.model, {})[detector.name] = saved
         for held in self._held.values():
             for r in held.records:
                 piece = out.get((r.topic, r.partition))
                 if piece is not None:
-                    piece["held"].append(StoredRecord(r.value, r.key, r.topic, r.partition, r.offset, r.timestamp,
-                                                      getattr(r, "headers", None)))
+                    piece["held"].append(r)  # kafka-python's ConsumerRecord and WireRecord both pickle
         return out
 
-    def adopt_partition(self, saved: dict[str, Any]) -> list[StoredRecord]:
-        """Take over a partition's piece of a checkpoint; returns its held records, which the caller
-        hands to ``process`` before the partition's new records."""
+    def adopt_partition(self, key: tuple[str, int], saved: dict[str, Any], held: bool = True) -> list[RawRecord]:
+        """Take over the piece of partition ``key`` of a checkpoint; returns its held records (none
+        without ``held``), which the caller hands to ``process`` before the partition's new records."""
+        for client in saved["ids"]:
+            self.partition_of[client] = key
         for model, states in saved["clients"].items():
             route = self.routes.get(model, False)
             if route is False:
@@ -483,7 +475,7 @@ class Pipeline:
                         detector.adopt_clients(states[detector.name])
                     except Exception:
                         log.exception("could not take over the %s clients of %s; they start afresh", detector.name, model)
-        return list(saved["held"])
+        return list(saved["held"]) if held else []
 
     def drop_partitions(self, keys: set[tuple[str, int]]) -> int:
         """Forget the clients and held events of partitions now read by another replica; returns how

@@ -189,9 +189,10 @@ def test_sigterm_finishes_the_batch_and_commits(broker, tmp_path, daemons):
     done = committed(broker.bootstrap, group_of(config), topics["logs"], 3)
     messages = [r.get("msg", "") for r in d.log_records()]
     processed = [int(m.split()[2]) for m in messages if m.startswith("stopped after")]
-    # the events of unfinished batches are committed inside the checkpoint, to be run after a restart
-    held = [int(m.split()[0]) for m in messages if "events of unfinished batches" in m] or [0]
-    assert processed and done == processed[0] + held[0], "what was processed or checkpointed is what was committed"
+    # The events of unfinished batches are kept in the checkpoint, to be run after a restart; the
+    # commit stops at the first of them (a replica without the checkpoint reads them again). With one
+    # model the held events are each partition's newest: what was processed is what was committed.
+    assert processed and done == processed[0], "what was processed is what was committed"
 
 
 def test_an_oversized_message_with_a_huge_key_is_dead_lettered_cut_to_fit_and_the_stream_goes_on(

@@ -20,7 +20,8 @@ import yaml
 from monitor.config import load_config
 from monitor.ops.metrics import Metrics
 from monitor.ops.state import pack, unpack
-from monitor.pipeline import Pipeline, StoredRecord
+from monitor.pipeline import Pipeline
+from monitor.sources.fetcher import WireRecord
 from tests.conftest import ROOT, Broker, Daemon, write_config
 
 START = 1_764_230_400.0
@@ -49,12 +50,12 @@ def partition_of(key: bytes) -> int:
     return 0 if key == ATTACKER.encode() else zlib.crc32(key) % 2
 
 
-def as_records(traffic: list[tuple[bytes, bytes]], topic: str = "logs") -> list[StoredRecord]:
+def as_records(traffic: list[tuple[bytes, bytes]], topic: str = "logs") -> list[WireRecord]:
     offsets = [0, 0]
     out = []
     for key, value in traffic:
         p = partition_of(key)
-        out.append(StoredRecord(value, key, topic, p, offsets[p], None))
+        out.append(WireRecord(value, key, topic, p, offsets[p], None))
         offsets[p] += 1
     return out
 
@@ -89,47 +90,70 @@ def shipped() -> Any:
     return load_config(None, {"detectors": raw["detectors"], "event_time.min_batch_events": 200})
 
 
-def run(pipeline: Pipeline, records: list[StoredRecord], found: list[Any], chunk: int = 2000) -> None:
+def replica() -> Pipeline:
+    """A pipeline as the Kafka daemon runs it: it knows which partition each client's events come from."""
+    pipeline = Pipeline(shipped(), Metrics())
+    pipeline.track_partitions = True
+    return pipeline
+
+
+def handover(giver: Pipeline, taker: Pipeline, key: tuple[str, int], clients: bool = True) -> list[Any]:
+    """Partition ``key`` from ``giver`` to ``taker`` through a checkpoint's bytes; the held records
+    ``taker`` reads first. Without ``clients``, the clients' state is not taken over (the control)."""
+    taker.restore_shared(unpack(pack(giver.shared_state())))
+    piece = unpack(pack(giver.partition_state({key})))[key]
+    if not clients:
+        piece["clients"] = {}
+    held = taker.adopt_partition(key, piece)
+    giver.drop_partitions({key})
+    return held
+
+
+def run(pipeline: Pipeline, records: list[WireRecord], found: list[Any], chunk: int = 2000) -> None:
     for i in range(0, len(records), chunk):
         found.extend(pipeline.process(records[i:i + chunk]).detections)
 
 
+def rebalanced_alarm(traffic: list[tuple[bytes, bytes]], join: int, leave: int, clients: bool = True) -> int:
+    """The attacker's query at its first alarm when its partition goes from one pipeline to another at
+    ``join`` and back at ``leave`` (positions in ``traffic``)."""
+    records = as_records(traffic)
+    a, b, found = replica(), replica(), []
+    run(a, records[:join], found)
+    moved = ("logs", 0)
+    held = handover(a, b, moved, clients)
+    middle = records[join:leave]
+    run(a, [r for r in middle if r.partition == 1], found)
+    run(b, held + [r for r in middle if r.partition == 0], found)
+    # b checkpoints once more before it gives the partition back: what it took over is in it, though
+    # most of those clients sent nothing since
+    assert set(unpack(pack(b.partition_state({moved})))[moved]["ids"]) >= {ATTACKER}
+    held = handover(b, a, moved, clients)
+    run(a, held + records[leave:], found)
+    found.extend(a.flush().detections)
+    assert b.held() == 0 and moved not in b.partition_of.values()
+    return attacker_query(traffic, first_alarm(found))
+
+
 def test_a_partition_handed_to_another_pipeline_mid_attack_keeps_the_attackers_history(demo_traffic) -> None:
     records = as_records(demo_traffic)
-    config = shipped()
     alone: list[Any] = []
-    baseline = Pipeline(config, Metrics())
+    baseline = replica()
     run(baseline, records, alone)
     alone.extend(baseline.flush().detections)
-    alarm = first_alarm(alone)
-    queries = attacker_query(demo_traffic, alarm)
+    queries = attacker_query(demo_traffic, first_alarm(alone))
     assert queries >= 6, "the alarm must need a history to move"
     join, leave = after_query(demo_traffic, queries // 3), after_query(demo_traffic, 2 * queries // 3)
     assert ts_of(demo_traffic[leave]) - ts_of(demo_traffic[join]) > 1, "ticks apart: read between"
 
-    a, b, found = Pipeline(config, Metrics()), Pipeline(config, Metrics()), []
-    run(a, records[:join], found)
-    # partition 0 (the attacker's) goes to b: its pieces cross as a checkpoint's bytes would
-    moved = {("logs", 0)}
-    b.restore_shared(unpack(pack(a.shared_state())))
-    held = b.adopt_partition(unpack(pack(a.partition_state(moved)))[("logs", 0)])
-    a.drop_partitions(moved)
-    middle = records[join:leave]
-    run(a, [r for r in middle if r.partition == 1], found)
-    run(b, held + [r for r in middle if r.partition == 0], found)
-    # and back to a, which goes on with everything
-    held = a.adopt_partition(unpack(pack(b.partition_state(moved)))[("logs", 0)])
-    b.drop_partitions(moved)
-    run(a, held + records[leave:], found)
-    found.extend(a.flush().detections)
-    assert b.held() == 0 and not any(c for c in b.partition_of.values() if c == ("logs", 0))
-
-    assert attacker_query(demo_traffic, first_alarm(found)) == attacker_query(demo_traffic, alarm)
+    assert rebalanced_alarm(demo_traffic, join, leave) == queries
+    # the control: without the clients' state the same handovers name the attacker later
+    assert rebalanced_alarm(demo_traffic, join, leave, clients=False) > queries
 
 
 def test_dropping_a_partition_forgets_its_clients_and_held_events(demo_traffic) -> None:
     records = as_records(demo_traffic)
-    pipeline = Pipeline(shipped(), Metrics())
+    pipeline = replica()
     run(pipeline, records[: len(records) // 2], [])
     probing = next(d for r in pipeline.watched() if r.model == "digits" for d in r.detectors if d.name == "probing")
     assert ATTACKER in probing.tracked_clients()
@@ -138,6 +162,34 @@ def test_dropping_a_partition_forgets_its_clients_and_held_events(demo_traffic) 
     assert ATTACKER not in probing.tracked_clients()
     assert 0 < dropped <= held_before and pipeline.held() == held_before - dropped
     assert all(r.partition == 1 for held in pipeline._held.values() for r in held.records)
+
+
+def test_a_full_probing_table_makes_room_for_a_suspicious_client_taken_over() -> None:
+    import numpy as np
+
+    from monitor.detectors.probing import ClientTable
+
+    def table(clients: list[str], now: float) -> ClientTable:
+        t = ClientTable(capacity=4, history=5, dims=3, distances=6)
+        slots = t.slots(clients, now, idle=3600)
+        t.last_ts[slots] = now
+        return t
+
+    full = table(["a", "b", "c", "d"], now=100.0)  # benign, all recently seen
+    other = table(["mallory", "x"], now=101.0)
+    m = other.slot_of["mallory"]
+    other.evidence[m] = 0.9  # half-way to an alarm and more
+    other.queries[m], other.ring[m] = 40, 1.0
+    rows = other.export({"mallory": "p0", "x": "p0"})["p0"]
+    assert full.adopt(rows, idle=3600) == 0
+    taken = full.slot_of["mallory"]
+    assert full.evidence[taken].max() == np.float32(0.9) and full.queries[taken] == 40 and full.ring[taken].max() == 1.0
+    assert len(full.slot_of) == 4, "room made by forgetting benign clients"
+    # rows made on another reference keep their counts and evidence, not their projected queries
+    fresh = table(["y"], now=100.0)
+    fresh.adopt(rows, idle=3600, projected=False)
+    taken = fresh.slot_of["mallory"]
+    assert fresh.evidence[taken].max() == np.float32(0.9) and fresh.queries[taken] == 40 and fresh.ring[taken].max() == 0
 
 
 def test_a_partitions_checkpoint_is_not_replaced_by_an_older_one(tmp_path: Path) -> None:

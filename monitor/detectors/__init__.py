@@ -189,9 +189,10 @@ class Detector:
         """The ids of the clients this detector keeps state for."""
         return []
 
-    def clients_state(self, ids: set[str]) -> Any:
-        """The state of the tracked clients among ``ids`` (picklable), for ``adopt_clients``."""
-        return None
+    def clients_state(self, owner: dict[str, Any]) -> dict[Any, Any]:
+        """The state of the tracked clients that ``owner`` maps to a key (a partition), grouped by that
+        key (picklable, for ``adopt_clients``); one pass over the detector's own clients."""
+        return {}
 
     def adopt_clients(self, saved: Any) -> None:
         """Take over clients exported by ``clients_state`` (of this or another replica's detector of

@@ -66,9 +66,13 @@ class ClientsByDict:
     def tracked_clients(self) -> list[str]:
         return list(self.clients)
 
-    def clients_state(self, ids: set[str]) -> dict[str, Any]:
-        clients = self.clients
-        return {c: clients[c] for c in ids if c in clients}
+    def clients_state(self, owner: dict[str, Any]) -> dict[Any, dict[str, Any]]:
+        out: dict[Any, dict[str, Any]] = {}
+        for client, state in self.clients.items():
+            key = owner.get(client)
+            if key is not None:
+                out.setdefault(key, {})[client] = state
+        return out
 
     def adopt_clients(self, saved: dict[str, Any]) -> None:
         self.clients.update(saved)

@@ -198,27 +198,45 @@ class ClientTable:
         table._grow(min(self.capacity, 64))
         return table
 
-    def export(self, ids: set[str]) -> dict[str, Any]:
-        """The rows of the tracked clients among ``ids``: {"ids": [...], field: array, ...}."""
-        taken = [(c, s) for c, s in self.slot_of.items() if c in ids]
-        slots = np.asarray([s for _, s in taken], dtype=np.int64)
-        return {"ids": [c for c, _ in taken], **{name: getattr(self, name)[slots].copy() for name in self.fields}}
+    # What depends on the reference's projection and class codes: reset when rows move to a table
+    # built on another reference (the counts, CUSUMs, rates and evidence still hold).
+    PROJECTED = ("ring", "ring_class", "dist", "dist_count", "since_test")
 
-    def adopt(self, rows: dict[str, Any]) -> None:
-        """Take over exported rows, replacing these clients' rows; clients that find the table full
-        (of suspicious clients) are left out."""
-        for i, client in enumerate(rows["ids"]):
+    def export(self, owner: dict[str, Any]) -> dict[Any, dict[str, Any]]:
+        """The rows of the tracked clients that ``owner`` maps to a key, per key:
+        {key: {"ids": [...], field: array, ...}}."""
+        slots: dict[Any, list[tuple[str, int]]] = {}
+        for client, slot in self.slot_of.items():
+            key = owner.get(client)
+            if key is not None:
+                slots.setdefault(key, []).append((client, slot))
+        out = {}
+        for key, taken in slots.items():
+            rows = np.asarray([s for _, s in taken], dtype=np.int64)
+            out[key] = {"ids": [c for c, _ in taken], **{name: getattr(self, name)[rows].copy() for name in self.fields}}
+        return out
+
+    def adopt(self, rows: dict[str, Any], idle: float, projected: bool = True) -> int:
+        """Take over exported rows, replacing these clients' rows, the most suspicious first; room is
+        made as for a new client (idle, then the least recently seen unsuspicious ones). Without
+        ``projected`` (another reference made them) the rows' projected history starts empty.
+        Returns how many were left out (the table full of suspicious clients)."""
+        order = np.argsort(-rows["evidence"].max(axis=1), kind="stable") if len(rows["ids"]) else []
+        now = float(max(self.last_ts.max(initial=-math.inf), rows["last_ts"].max(initial=-math.inf)))
+        busy: set[int] = set()
+        left_out = 0
+        for i in order:
+            client = rows["ids"][i]
             slot = self.slot_of.get(client)
             if slot is None:
-                if not self.free and self.size < self.capacity:
-                    self._grow(min(self.capacity, 2 * self.size))
-                if not self.free:
-                    break
-                slot = self.free.pop()
-                self.ids[slot] = client
-                self.slot_of[client] = slot
-            for name in self.fields:
-                getattr(self, name)[slot] = rows[name][i]
+                slot = self._admit(client, now, idle, busy)
+                if slot < 0:
+                    left_out += 1
+                    continue
+            busy.add(slot)
+            for name, (_, _, empty) in self.fields.items():
+                getattr(self, name)[slot] = rows[name][i] if projected or name not in self.PROJECTED else empty
+        return left_out
 
     def forget(self, ids: set[str]) -> None:
         self._release(np.asarray([s for c, s in self.slot_of.items() if c in ids], dtype=np.int64))
@@ -320,21 +338,29 @@ class Probing(Detector):
     def tracked_clients(self) -> list[str]:
         return list(self.clients.slot_of) if self.clients is not None else []
 
-    def clients_state(self, ids: set[str]) -> dict[str, Any] | None:
+    def clients_state(self, owner: dict[str, Any]) -> dict[Any, dict[str, Any]]:
         if self.clients is None:
-            return None
-        return {"basis": self._basis(), **self.clients.export(ids)}
+            return {}
+        basis = self._basis()
+        return {key: {"basis": basis, **rows} for key, rows in self.clients.export(owner).items()}
 
     def adopt_clients(self, saved: dict[str, Any] | None) -> None:
-        if not saved or self.clients is None:
+        if not saved or not saved["ids"]:
             return
-        # The rings hold queries projected on the reference's components: rows projected on another
-        # reference's (a replica that learnt its own) would be compared with the wrong neighbours.
-        if saved["basis"] != self._basis():
-            log.warning("%s: %d clients' probing state was made on another reference; they start afresh",
+        if self.clients is None:
+            log.warning("%s: %d clients' probing state arrived before the reference is learnt; they start afresh",
                         self.model, len(saved["ids"]))
             return
-        self.clients.adopt(saved)
+        # The rings hold queries projected on the reference's components: rows projected on another
+        # reference's (a replica that learnt its own) keep their counts and evidence, not their rings.
+        same = saved["basis"] == self._basis()
+        if not same:
+            log.info("%s: %d clients' probing state was made on another reference; their recent queries "
+                     "start afresh", self.model, len(saved["ids"]))
+        left_out = self.clients.adopt(saved, self.params.client_idle, projected=same)
+        if left_out:
+            log.warning("%s: %d clients taken over found the probing table full of suspicious clients",
+                        self.model, left_out)
 
     def _basis(self) -> str:
         """A digest of what projects a query and codes its class."""

@@ -33,9 +33,8 @@ class CheckpointStore:
     def prepare(self) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
+            with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".write-test-"):  # replicas may share the directory
+                pass
         except OSError as exc:
             raise InferWatchError(f"state directory {self.dir}: not writable ({exc.strerror})") from None
 

@@ -192,8 +192,10 @@ class ProcessSource:
         elif kind == "assignment":
             partitions = frozenset((t, p) for t, p in message[1])
             # batches shipped before the rebalance: their revoked partitions' records are the new owner's
-            self._batches = [kept for records in self._batches
-                             if (kept := [r for r in records if (r.topic, r.partition) in partitions])]
+            kept = [[r for r in records if (r.topic, r.partition) in partitions] for records in self._batches]
+            for _ in range(sum(1 for records in kept if not records)):
+                self.done()  # a batch dropped whole is done: the consumer process counts it shipped
+            self._batches = [records for records in kept if records]
             self._assignments.append(Assignment(partitions, {(t, p): o for t, p, o in message[2]}))
         elif kind == "status":
             self._reachable = bool(message[1])
@@ -249,8 +251,14 @@ class ProcessSource:
         return out
 
     def done(self) -> None:
-        """A shipped batch is processed: the consumer process may ship another."""
-        self.commit_offsets({}, sync=False)
+        """A shipped batch is processed: the consumer process may ship another. Best effort: a
+        consumer process that is gone is replaced at the next poll (and its count starts afresh)."""
+        if not self.process.is_alive():
+            return
+        try:
+            self._conn.send_bytes(_encoder.encode(("commit", [], False, 0, 1, 0.0)))
+        except OSError as exc:
+            log.debug("the consumer process is gone: %s", exc)
 
     def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0, sync: bool = True,
                        batch: bool = True) -> None:
