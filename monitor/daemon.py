@@ -350,12 +350,21 @@ class DetectDaemon:
     def _reassign(self) -> None:
         """Follow the group's assignment: drop what this replica kept of the partitions it lost, and
         take over the checkpoint pieces of those it was given (before reading their records)."""
-        for change in self.source.assignments():
+        try:
+            changes = self.source.assignments()
+        except KafkaError as exc:
+            log.warning("the consumer process could not say its assignment: %s", exc)
+            return
+        for change in changes:
             revoked = self._owned - change.partitions
             added = change.partitions - self._owned
             self._owned = set(change.partitions)
             if revoked:
-                dropped = self.pipeline.drop_partitions(revoked)
+                try:
+                    dropped = self.pipeline.drop_partitions(revoked)
+                except Exception:  # a detector's bug must not stop the stream: its clients linger
+                    log.exception("forgetting the clients of %s failed", _names(revoked))
+                    dropped = 0
                 for key in revoked:
                     self._read_up_to.pop(key, None)
                 self._adopted = [r for r in self._adopted if (r.topic, r.partition) not in revoked]
