@@ -323,3 +323,24 @@ def test_a_replica_joining_and_leaving_mid_attack_finds_the_attacker_as_one_repl
         assert len(hook.requests) == 1 and len(incidents) == 1
     finally:
         hook.stop()
+
+
+def test_a_second_respond_stage_in_the_group_is_told_off(broker: Broker, tmp_path: Path, daemons: list[Daemon]) -> None:
+    topics = broker.topics("respond2", partitions=2)
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "note.yaml").write_text("name: note\nmatch: {kind: model_extraction}\ndry_run: true\n"
+                                     "steps:\n  - {id: note, action: webhook, with: {url: 'http://127.0.0.1:9/hook'}}\n")
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state",
+                          respond={"playbooks": str(books), "group_id": f"respond-{topics['logs']}"})
+    settings = yaml.safe_load(config.read_text())
+    settings["state"]["dir"] = str(tmp_path / "other-state")
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(settings))
+    one = Daemon(config, tmp_path / "one.log", "--stage", "respond")
+    daemons.append(one)
+    one.wait_for(one.ready, what="the first respond stage")
+    other = Daemon(tmp_path / "other.yaml", tmp_path / "other.log", "--stage", "respond")
+    daemons.append(other)
+    told = "another respond stage reads the detections topic"
+    other.wait_for(lambda: told in one.log() or told in other.log(), timeout=60, what="the warning")
+    assert one.stop() == 0 and other.stop() == 0

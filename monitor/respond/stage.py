@@ -161,6 +161,7 @@ class RespondStage:
                     delay = 1.0
                 batches = consumer.poll(timeout_ms=500, max_records=500)
                 self.ready_reason = "ok" if _reachable(consumer) else "detections topic: broker unreachable"
+                self._warn_if_shared(consumer)
                 if not batches:
                     continue
                 for records in batches.values():
@@ -183,6 +184,22 @@ class RespondStage:
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
         _drop(consumer)
+
+    def _warn_if_shared(self, consumer: Any) -> None:
+        """Say so (once) when another respond stage reads the detections in this group: each keeps its
+        own journal, so after a rebalance moves a model between them its playbooks can run again."""
+        if getattr(self, "_warned_shared", False):
+            return
+        assigned = consumer.assignment()
+        if not assigned:
+            return
+        partitions = consumer.partitions_for_topic(self.config.kafka.topics.detections) or set()
+        if len(assigned) < len(partitions):
+            log.warning("respond: another respond stage reads the detections topic in group %s (this one has "
+                        "%d of its %d partitions); run one: each has its own journal, so a playbook can run "
+                        "again for an incident the other opened", self.config.respond.group_id,
+                        len(assigned), len(partitions))
+            self._warned_shared = True
 
     def _handle_raw(self, raw: bytes | None, record: Any) -> None:
         try:
