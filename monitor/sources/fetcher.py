@@ -207,6 +207,9 @@ class ProcessSource:
         log.error("the consumer process exited (%s); starting another (uncommitted events are redelivered)",
                   self.process.exitcode)
         self._batches.clear()
+        # Its partitions left with it: the group may have given them to another replica meanwhile, so
+        # the daemon lets go of them and takes the next assignment over from the checkpoints.
+        self._assignments.append(Assignment(frozenset(), {}))
         self._start()
 
     def poll(self) -> list[Any]:
