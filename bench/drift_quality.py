@@ -16,7 +16,9 @@ Changes, from event --change-at of the stream on (the events before it are uncha
 
 Detectors, all at ERT --ert (expected events between false alarms, the detector as a whole):
   ours      monitor.detectors.drift.Drift(features, multivariate; no classes, labels or streams),
-            reference_size --reference-size, fed batches of --batch events.
+            reference_size --reference-size, fed batches of --batch events. Its features' charts share
+            the ERT by a joint calibration simulated on each run's reference (the default since
+            2026-12-03; --drift-params '{"calibration": "union"}' gives the union bound of before).
   ADWIN     river.drift.ADWIN per feature, primed with the reference; delta by bisection on null
             streams (separate seeds from the evaluation) so that the mean run length is the ERT.
   KSWIN     river.drift.KSWIN per feature (window 100, stat 30, seed = the feature's index), primed with
@@ -640,7 +642,8 @@ def print_stream(stream: Stream, tallies: dict[str, Tally], args: argparse.Names
 def code_version() -> str:
     """Which code ran (bench/provenance.py)."""
     from provenance import code_version as version
-    return version([os.path.join("monitor", "detectors", f) for f in ("drift.py", "rank_cusum.py", "cusum.py")], "detector files")
+    return version([os.path.join("monitor", "detectors", f) for f in ("drift.py", "rank_cusum.py", "cusum.py",
+                                                                  "joint_calibration.py")], "detector files")
 
 
 def main() -> None:
