@@ -125,6 +125,21 @@ def write_config(path: Path, bootstrap: str, topics: dict[str, str], state_dir: 
     return path
 
 
+def http_json(url: str, method: str = "GET", body: dict | None = None,
+              authorization: str | None = None) -> tuple[int, Any, dict[str, str]]:
+    """One request to the daemon's HTTP API: status, the JSON answer ({} when empty) and the headers, errors included."""
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    request = urllib.request.Request(url, method=method, data=data)
+    if authorization:
+        request.add_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, json.loads(answer.read() or b"{}"), dict(answer.headers.items())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read() or b"{}"), dict(exc.headers.items())
+
+
 class Daemon:
     """``inferwatch run`` as a subprocess, with its HTTP port and log captured."""
 

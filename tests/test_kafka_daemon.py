@@ -308,9 +308,6 @@ def test_a_killed_consumer_process_is_replaced_and_nothing_is_lost(broker, tmp_p
 
 
 def test_the_consumer_process_does_not_outlive_a_killed_daemon(broker, tmp_path, daemons):
-    import os
-    import time
-
     topics = broker.topics("orphan")
     config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
     d = Daemon(config, tmp_path / "daemon.log")

@@ -13,8 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from monitor.ops.metrics import Metrics
 from monitor.ops.register import RiskRegister, csv_text, export
 from monitor.pipeline import Pipeline
 from monitor.sources.files import FileRecord
-from tests.conftest import ROOT, Broker, Daemon, write_config
+from tests.conftest import ROOT, Broker, Daemon, http_json, write_config
 
 TOKEN = "0perator-t0ken"
 T0 = 1_764_000_000.0
@@ -90,15 +88,7 @@ def operator_config(tmp_path: Path, broker: Broker, topics: dict[str, str]) -> P
 
 
 def get(daemon: Daemon, path: str, token: str | None = TOKEN) -> tuple[int, Any, dict[str, str]]:
-    request = urllib.request.Request(f"http://127.0.0.1:{daemon.port}{path}")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, json.loads(answer.read()), dict(answer.headers)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read() or b"{}"), dict(exc.headers)
+    return http_json(f"http://127.0.0.1:{daemon.port}{path}", authorization=f"Bearer {token}" if token else None)
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -280,15 +270,8 @@ def surface(tmp_path: Path) -> Any:
 
 
 def fetch(url: str, token: str | None = None, method: str = "GET") -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read() or b"{}")
+    status, body, _ = http_json(url, method, authorization=f"Bearer {token}" if token else None)
+    return status, body
 
 
 def test_the_api_is_off_with_503_while_no_token_is_configured(surface: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,6 @@ local HTTP servers that enforce PagerDuty's Events API v2 and Slack's incoming-w
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sqlite3
 import textwrap
@@ -20,6 +19,7 @@ from monitor.respond import playbooks as pb
 from monitor.respond.actions.base import Services
 from monitor.respond.engine import Responder
 from monitor.respond.journal import Journal
+from tests.conftest import http_json
 from tests.contract_servers import PagerDutyServer, SlackServer, WebhookServer
 
 ROUTING_KEY = "R0UT1NGKEYR0UT1NGKEYR0UT1NGKEY32"  # 32 characters, as PagerDuty's
@@ -415,9 +415,6 @@ APPROVAL = """\
 
 def test_approval_through_the_authenticated_admin_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            hook: WebhookServer, make_responder: Any) -> None:
-    import urllib.error
-    import urllib.request
-
     from monitor.config import Config, Respond, State
     from monitor.ops.http import HttpServer
     from monitor.respond.stage import RespondStage
@@ -437,15 +434,9 @@ def test_approval_through_the_authenticated_admin_endpoint(tmp_path: Path, monke
         base = f"http://127.0.0.1:{http.port}"
 
         def call(path: str, token: str | None, body: dict | None = None) -> tuple[int, dict]:
-            request = urllib.request.Request(base + path, data=json.dumps(body).encode() if body else None,
-                                             method="POST" if body else "GET")
-            if token:
-                request.add_header("Authorization", f"Bearer {token}")
-            try:
-                with urllib.request.urlopen(request, timeout=5) as answer:
-                    return answer.status, json.loads(answer.read())
-            except urllib.error.HTTPError as exc:
-                return exc.code, json.loads(exc.read())
+            status, answer, _ = http_json(base + path, "POST" if body else "GET", body,
+                                          f"Bearer {token}" if token else None)
+            return status, answer
 
         assert call("/admin/pending", None)[0] == 401
         assert call("/admin/pending", "wrong")[0] == 401

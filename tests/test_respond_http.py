@@ -10,8 +10,6 @@ import json
 import math
 import socket
 import time
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -21,6 +19,7 @@ from monitor.ops.http import HttpServer
 from monitor.ops.metrics import Metrics
 from monitor.respond import delivery
 from monitor.respond.actions.base import Final, Transient
+from tests.conftest import http_json
 from tests.contract_servers import RecordingServer, ScriptedServer, WebhookServer
 from tests.test_respond import APPROVAL, detection, wait_for, write_playbooks
 
@@ -234,14 +233,8 @@ def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]
 
 def call(url: str, method: str = "GET", authorization: str | None = f"Bearer {TOKEN}",
          body: dict | None = None) -> tuple[int, dict[str, str], dict]:
-    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
-    if authorization:
-        request.add_header("Authorization", authorization)
-    try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
-            return answer.status, dict(answer.headers.items()), json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers.items()), json.loads(exc.read())
+    status, answer, headers = http_json(url, method, body, authorization)
+    return status, headers, answer
 
 
 @pytest.mark.parametrize("path, method, allowed", [
