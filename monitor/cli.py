@@ -7,6 +7,7 @@ stopped by a second signal.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import textwrap
@@ -237,6 +238,26 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+# Each command's handler, imported when it runs so that `inferwatch status` does not load the detectors.
+HANDLERS = {
+    "check": ("monitor.cli", "cmd_check"),
+    "run": ("monitor.cli", "cmd_run"),
+    "replay": ("monitor.replay.cli", "cmd_replay"),
+    "demo": ("monitor.demo.run", "run_demo"),
+    "playbooks": ("monitor.respond.cli", "cmd_playbooks_test"),
+    "pending": ("monitor.respond.cli", "cmd_admin"),
+    "approve": ("monitor.respond.cli", "cmd_admin"),
+    "reject": ("monitor.respond.cli", "cmd_admin"),
+    "status": ("monitor.ops.status_cli", "cmd_status"),
+    "register": ("monitor.ops.status_cli", "cmd_register_export"),
+}
+# Commands with one sub-command: the sub-command and the usage printed when it is missing.
+SUBCOMMANDS = {
+    "playbooks": ("test", "inferwatch playbooks test -p DIR --detection FILE.json"),
+    "register": ("export", "inferwatch register export [--format csv|json] [-o FILE]"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command is None:
@@ -244,45 +265,17 @@ def main(argv: list[str] | None = None) -> int:
         print("inferwatch: error: a command is needed: run, replay, check, demo, playbooks, pending, approve, "
               "reject, status or register (inferwatch --help explains them)", file=sys.stderr)
         return 2
+    if args.command in SUBCOMMANDS:
+        expected, usage = SUBCOMMANDS[args.command]
+        if getattr(args, f"{args.command}_command") != expected:
+            print(f"inferwatch: error: {usage}", file=sys.stderr)
+            return 2
+    module, name = HANDLERS[args.command]
     try:
-        if args.command == "check":
-            return cmd_check(args)
-        if args.command == "playbooks":
-            if args.playbooks_command != "test":
-                print("inferwatch: error: inferwatch playbooks test -p DIR --detection FILE.json", file=sys.stderr)
-                return 2
-            from monitor.respond.cli import cmd_playbooks_test
-
-            return cmd_playbooks_test(args)
-        if args.command in ("pending", "approve", "reject"):
-            from monitor.respond.cli import cmd_admin
-
-            return cmd_admin(args)
-        if args.command == "status":
-            from monitor.ops.status_cli import cmd_status
-
-            return cmd_status(args)
-        if args.command == "register":
-            if args.register_command != "export":
-                print("inferwatch: error: inferwatch register export [--format csv|json] [-o FILE]", file=sys.stderr)
-                return 2
-            from monitor.ops.status_cli import cmd_register_export
-
-            return cmd_register_export(args)
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "replay":
-            from monitor.replay.cli import cmd_replay
-
-            return cmd_replay(args)
-        if args.command == "demo":
-            from monitor.demo.run import run_demo
-
-            return run_demo(args)
+        return getattr(importlib.import_module(module), name)(args)
     except InferWatchError as exc:
         print(f"inferwatch: error: {exc}", file=sys.stderr)
         return 2
-    return 2
 
 
 def cmd_check(args: argparse.Namespace) -> int:
