@@ -13,7 +13,6 @@ Memory is bounded: models by ``limits.max_models`` (the pipeline routes no more)
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import threading
 import time
@@ -25,7 +24,7 @@ import numpy as np
 
 from monitor.detections import Detection
 from monitor.ops.hll import HyperLogLog, hashes
-from monitor.ops.state import atomic_file
+from monitor.ops.state import load_record, save_record
 
 log = logging.getLogger("inferwatch.inventory")
 
@@ -206,30 +205,20 @@ class Inventory:
                     "models": {model: entry.to_json() for model, entry in self.models.items()}}
 
     def save(self, directory: str | Path) -> None:
-        data = json.dumps(self.to_json(), sort_keys=True).encode()
-        with atomic_file(Path(directory) / FILE, 0o600) as handle:
-            handle.write(data)
+        save_record(Path(directory) / FILE, self.to_json())
 
     @classmethod
     def load(cls, directory: str | Path, **kwargs: Any) -> "Inventory":
         """The inventory saved in ``directory``; an empty one when there is none. A damaged file is
         kept aside (``.broken-TIME``) and the inventory starts empty: it is a record, not a control."""
-        inventory = cls(**kwargs)
-        path = Path(directory) / FILE
-        if not path.exists():
-            return inventory
-        try:
-            data = json.loads(path.read_bytes())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"unknown format {data.get('format')!r}")
+        def decode(data: dict[str, Any]) -> Inventory:
+            inventory = cls(**kwargs)
             inventory.models = {model: ModelEntry.from_json(model, entry) for model, entry in data["models"].items()}
             inventory.saved_at = data.get("saved_at")
-        except Exception:
-            aside = path.with_name(f"{path.name}.broken-{int(time.time())}")
-            path.replace(aside)
-            log.exception("inventory %s is unreadable; moved to %s, starting an empty one", path, aside)
-            return cls(**kwargs)
-        return inventory
+            return inventory
+
+        loaded = load_record(Path(directory) / FILE, FORMAT, decode, "inventory")
+        return cls(**kwargs) if loaded is None else loaded
 
 
 def summary(entry: ModelEntry) -> dict[str, Any]:

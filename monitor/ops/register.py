@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from monitor.detections import Detection
-from monitor.ops.state import atomic_file
+from monitor.ops.state import load_record, save_record
 
 log = logging.getLogger("inferwatch.register")
 
@@ -121,31 +121,21 @@ class RiskRegister:
                     "incidents": list(self.incidents.values())}
 
     def save(self, directory: str | Path) -> None:
-        data = json.dumps(self.to_json(), sort_keys=True).encode()
-        with atomic_file(Path(directory) / FILE, 0o600) as handle:
-            handle.write(data)
+        save_record(Path(directory) / FILE, self.to_json())
 
     @classmethod
     def load(cls, directory: str | Path) -> "RiskRegister":
         """The register saved in ``directory``; an empty one when there is none. A damaged file is kept
         aside (``.broken-TIME``) for a post-mortem, and the register starts empty."""
-        register = cls()
-        path = Path(directory) / FILE
-        if not path.exists():
-            return register
-        try:
-            data = json.loads(path.read_bytes())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"unknown format {data.get('format')!r}")
+        def decode(data: dict[str, Any]) -> RiskRegister:
+            register = cls()
             register.rows = {tuple(k): row for k, row in data["detections"]}  # type: ignore[misc]
             register.incidents = {i["id"]: i for i in data["incidents"]}
             register.saved_at = data.get("saved_at")
-        except Exception:
-            aside = path.with_name(f"{path.name}.broken-{int(time.time())}")
-            path.replace(aside)
-            log.exception("risk register %s is unreadable; moved to %s, starting an empty one", path, aside)
-            return cls()
-        return register
+            return register
+
+        loaded = load_record(Path(directory) / FILE, FORMAT, decode, "risk register")
+        return cls() if loaded is None else loaded
 
 
 def day(ts: float) -> str:

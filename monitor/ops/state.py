@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import pickle
@@ -17,11 +18,12 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator, TypeVar
 
 from monitor.errors import InferWatchError
 
 log = logging.getLogger("inferwatch.state")
+T = TypeVar("T")
 
 _FORMAT = 1
 
@@ -56,14 +58,41 @@ class CheckpointStore:
                 saved = pickle.load(handle)
         except Exception:
             # A damaged checkpoint costs re-learning, not the daemon: keep it aside for a post-mortem.
-            aside = path.with_suffix(f".broken-{int(time.time())}")
-            os.replace(path, aside)
-            log.exception("checkpoint %s is unreadable; moved to %s and starting fresh", path, aside)
+            set_aside(path, "checkpoint")
             return None
         if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
             log.warning("checkpoint %s has an unknown format; starting fresh", path)
             return None
         return saved["state"]
+
+
+def set_aside(path: Path, what: str) -> None:
+    """Move an unreadable file to ``NAME.broken-TIME`` for a post-mortem; the caller starts afresh."""
+    aside = path.with_name(f"{path.name}.broken-{int(time.time())}")
+    os.replace(path, aside)
+    log.exception("%s %s is unreadable; moved to %s, starting afresh", what, path, aside)
+
+
+def save_record(path: Path, record: dict[str, Any]) -> None:
+    """A JSON record (the inventory, the register) written atomically, readable by the daemon's user only."""
+    data = json.dumps(record, sort_keys=True).encode()
+    with atomic_file(path, 0o600) as handle:
+        handle.write(data)
+
+
+def load_record(path: Path, form: int, decode: Callable[[dict[str, Any]], T], what: str) -> T | None:
+    """``decode`` of the JSON record at ``path`` written in format ``form``; None when there is none, or
+    when it is damaged (then it is set aside): a record is kept for people, it controls nothing."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+        if data.get("format") != form:
+            raise ValueError(f"unknown format {data.get('format')!r}")
+        return decode(data)
+    except Exception:
+        set_aside(path, what)
+        return None
 
 
 @contextlib.contextmanager
