@@ -332,7 +332,7 @@ class DetectDaemon:
 
         def commit() -> None:
             try:
-                self.source.commit_offsets(commits, timeout, sync=True, batch=False)
+                self.source.commit_offsets(commits, timeout)
             except (CommitFailedError, RebalanceInProgressError):
                 refused.append(True)  # a rebalance took partitions: their new owner goes on from the pieces
 

@@ -330,7 +330,7 @@ def test_the_consumer_process_does_not_outlive_a_killed_daemon(broker, tmp_path,
 def test_a_commit_after_the_consumer_process_died_starts_another_instead_of_failing(broker, tmp_path):
     from monitor.config import load_config
     from monitor.ops.metrics import Metrics
-    from monitor.sources.fetcher import ProcessSource, WireRecord
+    from monitor.sources.fetcher import ProcessSource
 
     topics = broker.topics("commit-dead")
     config = load_config(write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state"))
@@ -339,7 +339,7 @@ def test_a_commit_after_the_consumer_process_died_starts_another_instead_of_fail
         first = source.process
         first.kill()
         first.join(10)
-        source.commit([WireRecord(b"{}", None, topics["logs"], 0, 5, None)], timeout=5, sync=True)
+        source.commit_offsets({(topics["logs"], 0): 6}, timeout=5)
         assert source.process is not first and source.process.is_alive()
     finally:
         source.close()

@@ -2,9 +2,11 @@
 record, in Python) runs on one core while the detectors run on another.
 
 The child owns the consumer and its group membership: it polls, ships each batch to the daemon over a
-pipe (msgpack, records as arrays), and commits the offsets the daemon sends back once the batch's
-outputs are durable. At most ``MAX_IN_FLIGHT`` batches are shipped ahead of their commit. The daemon
-keeps the same ``KafkaSource`` interface (``ProcessSource``): poll, commit, lag, reachability, close.
+pipe (msgpack, records as arrays), tells the daemon of assignment changes before the batches read on
+them, and commits the offsets the daemon sends at its checkpoints. At most ``MAX_IN_FLIGHT`` batches
+are shipped ahead of the daemon's word that it processed them (``done``). The daemon keeps the same
+``KafkaSource`` interface (``ProcessSource``): poll, assignments, done, commit_offsets, lag,
+reachability, close.
 
 Failure: if the child dies, the daemon starts another (the group rebalances; uncommitted batches are
 redelivered); if the daemon dies, the child sees its pipe close and exits. Only the daemon handles
@@ -19,14 +21,14 @@ import multiprocessing
 import os
 import signal
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import msgspec
 from kafka.errors import KafkaError
 
 from monitor.config import Config
 from monitor.ops.metrics import Metrics
-from monitor.sources.kafka import Assignment, next_offsets, publish_lag
+from monitor.sources.kafka import Assignment, publish_lag
 
 log = logging.getLogger("inferwatch.fetcher")
 
@@ -88,19 +90,12 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
             while conn.poll(0 if in_flight < MAX_IN_FLIGHT else 0.2):
                 message = _decode_message(conn.recv_bytes())
                 kind = message[0]
-                if kind == "commit":  # ("commit", [[topic, partition, next_offset], ...], sync, ack id, batch, timeout)
-                    _, offsets, sync, ack, batch, timeout = message
-                    in_flight -= batch  # the answer to a shipped batch
-                    error = _commit(source, {(t, p): o for t, p, o in offsets}, sync, timeout) if offsets else None
-                    if sync:
-                        conn.send_bytes(_encoder.encode(("ack", ack, error)))
-                elif kind == "final":  # commit everything processed, synchronously, then stop
-                    error = None
-                    try:
-                        source.commit_processed(message[1])
-                    except Exception as exc:
-                        error = type(exc).__name__
-                    conn.send_bytes(_encoder.encode(("ack", message[2], error)))
+                if kind == "done":  # ("done",): a shipped batch is processed, ship another
+                    in_flight -= 1
+                elif kind == "commit":  # ("commit", [[topic, partition, next_offset], ...], ack id, timeout)
+                    _, offsets, ack, timeout = message
+                    error = _commit(source, {(t, p): o for t, p, o in offsets}, timeout) if offsets else None
+                    conn.send_bytes(_encoder.encode(("ack", ack, error)))
                 elif kind == "stop":
                     return
             if os.getppid() != parent:
@@ -130,9 +125,9 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
         source.close()
 
 
-def _commit(source: Any, offsets: dict[tuple[str, int], int], sync: bool, timeout: float) -> str | None:
+def _commit(source: Any, offsets: dict[tuple[str, int], int], timeout: float) -> str | None:
     try:
-        source.commit_offsets(offsets, timeout, sync=sync)
+        source.commit_offsets(offsets, timeout)
     except Exception as exc:  # a rebalance took the partitions, or the broker is away: the daemon says so
         log.debug("commit failed (%s)", type(exc).__name__)
         return type(exc).__name__
@@ -246,9 +241,6 @@ class ProcessSource:
             self._handle(message)
         raise ChildFailed("no answer to a commit from the consumer process")
 
-    def commit(self, records: Sequence[Any], timeout: float = 10.0, sync: bool = True) -> None:
-        self.commit_offsets(next_offsets(records), timeout, sync)
-
     def assignments(self) -> list[Assignment]:
         out, self._assignments = self._assignments, []
         return out
@@ -259,15 +251,14 @@ class ProcessSource:
         if not self.process.is_alive():
             return
         try:
-            self._conn.send_bytes(_encoder.encode(("commit", [], False, 0, 1, 0.0)))
+            self._conn.send_bytes(_encoder.encode(("done",)))
         except OSError as exc:
             log.debug("the consumer process is gone: %s", exc)
 
-    def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0, sync: bool = True,
-                       batch: bool = True) -> None:
-        """Commit (topic, partition) -> next offset to read, through the consumer process; ``batch``:
-        the answer to a batch it shipped (it then ships one more)."""
-        if not offsets and not batch:
+    def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0) -> None:
+        """Commit (topic, partition) -> next offset to read, through the consumer process, and wait
+        for its answer."""
+        if not offsets:
             return
         if not self.process.is_alive():
             # Its partitions go to the next consumer, which re-reads from the last commit: these
@@ -277,18 +268,7 @@ class ProcessSource:
         ack = next(self._acks)
         try:
             wire = [[t, p, o] for (t, p), o in offsets.items()]
-            self._conn.send_bytes(_encoder.encode(("commit", wire, sync, ack, int(batch), timeout)))
-        except OSError as exc:
-            raise ChildFailed(f"the consumer process is gone: {exc}") from None
-        if sync:
-            self._wait_ack(ack, timeout + 1)
-
-    def commit_processed(self, timeout: float) -> None:
-        if not self.process.is_alive():
-            return  # nothing to settle: its uncommitted events are redelivered after the restart
-        ack = next(self._acks)
-        try:
-            self._conn.send_bytes(_encoder.encode(("final", timeout, ack)))
+            self._conn.send_bytes(_encoder.encode(("commit", wire, ack, timeout)))
         except OSError as exc:
             raise ChildFailed(f"the consumer process is gone: {exc}") from None
         self._wait_ack(ack, timeout + 1)

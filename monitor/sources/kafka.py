@@ -121,18 +121,16 @@ def make_producer(config: Config, **overrides: Any) -> KafkaProducer:
 
 
 class _RebalanceLog(ConsumerRebalanceListener):
-    """Says which partitions come and go, and forgets the offsets of those that went.
+    """Says which partitions come and go.
 
-    Nothing needs committing here: every batch is finished (outputs acknowledged, commit sent) before
-    the next poll, and only a poll can rebalance. (kafka-python 3 runs this on its IO thread, where a
-    blocking commit is refused anyway.)"""
+    Nothing is committed here: the daemon commits at its checkpoints, with the state the offsets
+    match, and learns of the change after the poll (``KafkaSource.assignments``). (kafka-python 3 runs
+    this on its IO thread, where a blocking commit is refused anyway.)"""
 
     def __init__(self, source: "KafkaSource"):
         self.source = source
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        for tp in revoked:
-            self.source._processed.pop(tp, None)
         log.info("partitions revoked: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in revoked) or "none")
 
     def on_partitions_assigned(self, assigned: Any) -> None:
@@ -165,7 +163,6 @@ class KafkaSource:
         self.consumer.subscribe(self.topics, listener=_RebalanceLog(self))
         self._lag_labels: set[tuple[str, str]] = set()
         self._warned_internals = False
-        self._processed: dict[TopicPartition, OffsetAndMetadata] = {}  # next offset to read, per partition
         self._assigned: set[tuple[str, int]] = set()
         self._assignments: list[Assignment] = []  # changes not yet taken by ``assignments``
 
@@ -225,42 +222,14 @@ class KafkaSource:
     def done(self) -> None:
         """A polled batch is processed (the consumer process ships the next one then)."""
 
-    def commit(self, records: Sequence[Any], timeout: float = 10.0, sync: bool = True) -> None:
-        """Commit the offsets after the last of ``records`` in each partition."""
-        self.commit_offsets(next_offsets(records), timeout, sync)
-
-    def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0, sync: bool = True,
-                       batch: bool = True) -> None:
-        """Commit (topic, partition) -> next offset to read, for the partitions still assigned here: a
-        partition the group gave to another replica is that replica's to commit.
-
-        ``sync=False`` sends the commit without waiting for its answer: the loop goes on polling, and
-        a lost async commit only means a later commit (or the final synchronous one) covers it.
-        Commits go to the group coordinator in order, so a late answer never moves offsets back.
-        """
+    def commit_offsets(self, offsets: dict[tuple[str, int], int], timeout: float = 10.0) -> None:
+        """Commit (topic, partition) -> next offset to read, synchronously, for the partitions still
+        assigned here: a partition the group gave to another replica is that replica's to commit."""
         assigned = self.consumer.assignment()
         committed = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
         committed = {tp: om for tp, om in committed.items() if tp in assigned}
-        if not committed:
-            return
-        self._processed.update(committed)
-        if sync:
+        if committed:
             self.consumer.commit(committed, timeout_ms=int(timeout * 1000))
-        else:
-            self.consumer.commit_async(committed, callback=self._on_async_commit)
-
-    def _on_async_commit(self, offsets: dict, result: Any) -> None:
-        if isinstance(result, Exception):
-            self.metrics.commit_failures.inc()
-            log.debug("async commit failed (%s); the next commit covers it", type(result).__name__)
-
-    def commit_processed(self, timeout: float) -> None:
-        """Commit, synchronously, everything processed in the partitions still assigned (for a stop:
-        it also settles the asynchronous commits still under way)."""
-        assigned = self.consumer.assignment()
-        offsets = {tp: om for tp, om in self._processed.items() if tp in assigned}
-        if offsets:
-            self.consumer.commit(offsets, timeout_ms=int(timeout * 1000))
 
     def lag(self) -> dict[tuple[str, str], int]:
         """(topic, partition as text) -> messages between the high watermark and the position."""
