@@ -344,3 +344,38 @@ def test_a_commit_after_the_consumer_process_died_starts_another_instead_of_fail
     finally:
         source.close()
     assert not source.process.is_alive()
+
+
+def test_a_daemon_busy_for_longer_than_the_poll_interval_keeps_its_partitions(broker, tmp_path):
+    """A reference's calibration keeps the daemon from reading for seconds: the consumer process must
+    go on polling (its next batch waiting, larger than the pipe's buffer), or the group takes its
+    partitions away and the events are read again."""
+    from monitor.config import load_config
+    from monitor.ops.metrics import Metrics
+    from monitor.sources.fetcher import ProcessSource
+
+    topics = broker.topics("busy", partitions=1)
+    broker.produce(topics["logs"], [json.dumps(event(i, payload="x" * 1000)).encode() for i in range(6000)])
+    config = load_config(write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state"))
+    source = ProcessSource(config, Metrics())
+    try:
+        deadline = time.monotonic() + 30
+        first: list = []
+        while not first and time.monotonic() < deadline:
+            first = source.poll()
+        assert first, "no batch within 30 s"
+        assigned = [change.partitions for change in source.assignments()]
+        assert assigned == [frozenset({(topics["logs"], 0)})]
+        time.sleep(config.kafka.max_poll_interval_ms / 1000 + 3)  # busy, reading nothing
+        source.done()
+        read = len(first)
+        while read < 6000 and time.monotonic() < deadline + 30:
+            batch = source.poll()
+            if batch:
+                assert batch[0].offset == read, "read again from the commit: the partitions were taken away"
+                read += len(batch)
+                source.done()
+        assert read == 6000
+        assert source.assignments() == [], "the group rebalanced while the daemon was busy"
+    finally:
+        source.close()

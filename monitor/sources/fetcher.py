@@ -19,7 +19,9 @@ import itertools
 import logging
 import multiprocessing
 import os
+import queue
 import signal
+import threading
 import time
 from typing import Any
 
@@ -83,8 +85,10 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
         conn.send_bytes(_encoder.encode(("error", f"{type(exc).__name__}: {exc}")))
         return
     conn.send_bytes(_encoder.encode(("ready",)))
+    outbox = _Outbox(conn)
     parent = os.getppid()
-    in_flight, last_status = 0, 0.0
+    in_flight, last_status, last_poll = 0, 0.0, time.monotonic()
+    keepalive = min(1.0, config.kafka.max_poll_interval_ms / 4000)
     try:
         while True:
             while conn.poll(0 if in_flight < MAX_IN_FLIGHT else 0.2):
@@ -95,34 +99,71 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
                 elif kind == "commit":  # ("commit", [[topic, partition, next_offset], ...], ack id, timeout)
                     _, offsets, ack, timeout = message
                     error = _commit(source, {(t, p): o for t, p, o in offsets}, timeout) if offsets else None
-                    conn.send_bytes(_encoder.encode(("ack", ack, error)))
+                    outbox.send(("ack", ack, error))
                 elif kind == "stop":
                     return
             if os.getppid() != parent:
                 return  # the daemon is gone
-            if in_flight < MAX_IN_FLIGHT:
+            # While the daemon is busy (a reference's calibration takes seconds), the consumer still
+            # polls, its partitions paused, so that the group does not count it gone and rebalance.
+            busy = in_flight >= MAX_IN_FLIGHT
+            if not busy or time.monotonic() - last_poll > keepalive:
+                last_poll = time.monotonic()
                 try:
-                    records = source.poll()
+                    records = source.keep_membership() if busy else source.poll()
                 except KafkaError as exc:
                     log.debug("poll failed: %s", exc)
                     records = []
                 for change in source.assignments():  # before the batch read on it
-                    conn.send_bytes(_encoder.encode(("assignment", [[t, p] for t, p in change.partitions],
-                                                     [[t, p, o] for (t, p), o in change.commits.items()])))
+                    outbox.send(("assignment", [[t, p] for t, p in change.partitions],
+                                 [[t, p, o] for (t, p), o in change.commits.items()]))
                 if records:
-                    conn.send_bytes(_encoder.encode(("batch", [
-                        (r.value, r.key, r.topic, r.partition, r.offset, r.timestamp, r.headers or None)
-                        for r in records])))
+                    outbox.send(("batch", [(r.value, r.key, r.topic, r.partition, r.offset, r.timestamp,
+                                            r.headers or None) for r in records]))
                     in_flight += 1
             now = time.monotonic()
-            if now - last_status > STATUS_EVERY:
+            if now - last_status > STATUS_EVERY and outbox.idle():  # a daemon that is not reading needs none
                 last_status = now
                 lag = [[topic, partition, value] for (topic, partition), value in source.lag().items()]
-                conn.send_bytes(_encoder.encode(("status", source.broker_reachable(), lag)))
+                outbox.send(("status", source.broker_reachable(), lag))
     except (EOFError, BrokenPipeError, OSError):
         return  # the daemon closed its end
     finally:
+        outbox.close()
         source.close()
+
+
+class _Outbox:
+    """The consumer process's messages to the daemon, written by a thread of their own. A batch is
+    larger than the pipe's buffer: it waits there until the daemon reads it, which a busy daemon (a
+    reference's calibration takes seconds) does late, and the consumer must go on polling meanwhile,
+    or the group counts it gone and takes its partitions away."""
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+        self.queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.broken = False
+        self.thread = threading.Thread(target=self._write, name="inferwatch-to-daemon", daemon=True)
+        self.thread.start()
+
+    def send(self, message: tuple) -> None:
+        if self.broken:
+            raise BrokenPipeError("the daemon closed its end")
+        self.queue.put(_encoder.encode(message))
+
+    def idle(self) -> bool:
+        return self.queue.empty()
+
+    def _write(self) -> None:
+        while (data := self.queue.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except OSError:
+                self.broken = True
+                return
+
+    def close(self) -> None:
+        self.queue.put(None)
 
 
 def _commit(source: Any, offsets: dict[tuple[str, int], int], timeout: float) -> str | None:

@@ -194,6 +194,18 @@ class KafkaSource:
         self._note_assignment()
         return out
 
+    def keep_membership(self) -> list[Any]:
+        """A poll with every assigned partition paused, to stay in the group while the records already
+        shipped are being processed. Returns what it read nonetheless: the records of partitions a
+        rebalance inside this poll assigned here (those were not paused)."""
+        self.consumer.pause(*self.consumer.assignment())
+        try:
+            polled = self.consumer.poll(timeout_ms=0)
+        finally:
+            self.consumer.resume(*self.consumer.paused())  # those still assigned after the poll
+        self._note_assignment()
+        return [r for records in polled.values() for r in records]
+
     def _note_assignment(self) -> None:
         """After a poll (where the group rebalances): a changed assignment, with the committed offset
         of each partition new here."""
