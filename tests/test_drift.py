@@ -198,8 +198,8 @@ def test_union_calibration_depends_on_parameters_only_and_is_cached(digits):
 
 def test_real_model_mean_run_length_to_a_false_alarm_matches_the_ert(digits):
     """200 runs on 50 references drawn from the held-out images, 4 streams each drawn from the same
-    images, each run from the detector as armed and up to its first alarm: every feature, the kernel score, the confidence and
-    the class shares are watched. The ERT is the detector's, all its charts together: the pixels'
+    images, each run from the detector as armed and up to its first alarm: every feature, the kernel
+    score, the confidence and the class shares are watched. The ERT is the detector's, all its charts together: the pixels'
     charts, which alarm together where pixels are correlated, are counted by a simulation of their
     null (joint_calibration), the others by the union bound; the thresholds set the false-alarm rate
     averaged over references (see rank_cusum.reference_threshold). So the mean run length, the events
