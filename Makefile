@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/inferwatch demo --duration $${DURATION:-60}
 
+# Two test processes (each with its own broker): much of the suite waits on daemons, brokers and
+# group joins. --dist loadfile keeps a file's tests (and its module fixtures) in one process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The alibi-detect adapter is tested in a venv of its own: alibi-detect 0.13 pins numpy<2 (so river
 # 0.23), which the main venv's river 0.26 cannot share. About 1 GB; built once, then reused.
