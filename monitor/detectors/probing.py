@@ -865,9 +865,6 @@ class _Segments:
         self.slots = sorted_slots[self.starts]
         self.n = len(sorted_slots)
 
-    def segment_of(self, rows: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.starts, rows, side="right") - 1
-
     def with_history(self, ring: np.ndarray, ring_class: np.ndarray, queries: np.ndarray, z: np.ndarray,
                      codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Each client's ring (oldest first) then its new queries, in one array; the positions of the
