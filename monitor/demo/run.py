@@ -47,6 +47,7 @@ class Console:
                  f"{d.model:<7} {d.kind:<18}{who} {d.summary}  [ATLAS {atlas}]")
 
 
+FINISH_GRACE_SECONDS = 60.0  # after the traffic, at most this long for the daemon to read the rest
 SHIPPED_PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
 
 
@@ -144,22 +145,28 @@ def run_demo(args: argparse.Namespace) -> int:
                                         f"{letters} dead letters, {console.count} detections"))
 
     def finish() -> None:
+        """Stop once the traffic is sent and the daemon has read it all (a loaded machine reads
+        late), or after a grace of a minute."""
+        traffic.thread.join(args.duration + 60.0)
         traffic.stop.set()
+        producer.flush(10)
+        deadline = time.monotonic() + FINISH_GRACE_SECONDS
+        while daemon.processed < traffic.sent + traffic.malformed and time.monotonic() < deadline:
+            if daemon.stopping.wait(0.2):
+                return
         daemon.stop()
 
-    timer = threading.Timer(args.duration + 3.0, finish)
-    timer.daemon = True
+    finisher = threading.Thread(target=finish, name="demo-finish", daemon=True)
     port = daemon.http.port if daemon.http else args.http_port
     console.say(f"metrics: http://127.0.0.1:{port}/metrics   health: /healthz /readyz")
     console.say(f"streaming ~{args.rate:.0f} events/s for {args.duration:.0f}s; detections appear below "
                 "(the detectors first learn a reference from the opening traffic)")
     traffic.start()
-    timer.start()
+    finisher.start()
     threading.Thread(target=heartbeat, daemon=True).start()
     try:
         code = daemon.run()
     finally:
-        timer.cancel()
         traffic.stop.set()
         producer.close(timeout=5)
         if broker:

@@ -74,6 +74,8 @@ def train_models(seed: int = 0) -> dict[str, ServedModel]:
     }
 
 
+TICK = 0.05  # seconds of traffic per step of the generator
+
 MALFORMED = [
     b"this is not JSON",
     b'{"event_id": "m1", "ts": "yesterday", "model": "digits"}',
@@ -110,38 +112,35 @@ class TrafficGenerator:
         return any(i.name == name and i.started for i in self.plan.incidents)
 
     def _run(self) -> None:
-        start = time.monotonic()
-        tick = 0.05
-        per_tick = max(1, int(self.plan.rate * tick))
-        while not self.stop.is_set():
-            elapsed = time.monotonic() - start
-            if elapsed >= self.plan.duration:
-                return
-            for incident in self.plan.incidents:
-                if not incident.started and elapsed >= incident.at * self.plan.duration:
-                    incident.started = True
-                    self.on_incident(incident.name)
-            self._emit(per_tick)
-            spare = tick - (time.monotonic() - start - elapsed)
-            if spare > 0:
-                self.stop.wait(spare)
+        """Ticks of 50 ms on the wall clock. A thread starved of CPU sends the ticks it owes at once,
+        each with its own time: the traffic (its rate and the incidents' share of it) stays the plan's
+        whatever the machine's load."""
+        start, wall = time.monotonic(), time.time()
+        ticks, sent = int(self.plan.duration / TICK), 0
+        while not self.stop.is_set() and sent < ticks:
+            due = min(ticks, int((time.monotonic() - start) / TICK) + 1)
+            for n in range(sent, due):
+                self._tick(n, wall)
+            sent = due
+            self.stop.wait(max(0.0, start + sent * TICK - time.monotonic()))
 
     def simulate(self, start: float = 1_764_230_400.0) -> None:
         """The same plan in simulated time, as fast as ``send`` takes it: event times run from ``start``
         (2025-11-27T08:00:00Z) in ticks of 50 ms. The same seed gives the same events, for files
         to replay (``inferwatch demo --write FILE``)."""
-        tick = 0.05
-        per_tick = max(1, int(self.plan.rate * tick))
-        for n in range(int(self.plan.duration / tick)):
-            elapsed = n * tick
-            for incident in self.plan.incidents:
-                if not incident.started and elapsed >= incident.at * self.plan.duration:
-                    incident.started = True
-                    self.on_incident(incident.name)
-            self._emit(per_tick, start + elapsed)
+        for n in range(int(self.plan.duration / TICK)):
+            self._tick(n, start)
 
-    def _emit(self, n: int, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+    def _tick(self, n: int, start: float) -> None:
+        """The ``n``th tick's events, timed ``start + n x TICK``, after starting the incidents due."""
+        elapsed = n * TICK
+        for incident in self.plan.incidents:
+            if not incident.started and elapsed >= incident.at * self.plan.duration:
+                incident.started = True
+                self.on_incident(incident.name)
+        self._emit(max(1, int(self.plan.rate * TICK)), start + elapsed)
+
+    def _emit(self, n: int, now: float) -> None:
         n_digits = n * 2 // 3
         self._batch(self.models["digits"], n_digits, now)
         self._batch(self.models["cancer"], n - n_digits, now)
