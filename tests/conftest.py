@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.broker import EmbeddedBroker, free_port
@@ -123,6 +123,15 @@ def write_config(path: Path, bootstrap: str, topics: dict[str, str], state_dir: 
             config[section] = values
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    """The offsets ``group`` committed on ``topic``'s partitions, summed (0 for a partition without)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return sum((consumer.committed(TopicPartition(topic, p)) or 0) for p in range(partitions))
+    finally:
+        consumer.close()
 
 
 def http_json(url: str, method: str = "GET", body: dict | None = None,

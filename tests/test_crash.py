@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
-from kafka import KafkaConsumer, TopicPartition
 
-from tests.conftest import ROOT, Broker, Daemon, write_config
+from tests.conftest import ROOT, Broker, Daemon, committed, write_config
 from tests.contract_servers import WebhookServer
 from tests.test_replay import lines, produce
 from tests.test_respond_daemon import kubernetes  # noqa: F401 (fixture: the fake Kubernetes API)
@@ -53,14 +52,6 @@ def big_traffic(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     with gzip.open(path, "wb", compresslevel=1) as out:
         TrafficGenerator(lambda key, value: out.write(value + b"\n"), TrafficPlan(duration=100, rate=2000)).simulate()
     return [line for line in lines(path) if line.strip()]
-
-
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return sum((consumer.committed(TopicPartition(topic, p)) or 0) for p in range(partitions))
-    finally:
-        consumer.close()
 
 
 @pytest.mark.slow

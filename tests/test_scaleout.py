@@ -22,7 +22,7 @@ from monitor.ops.metrics import Metrics
 from monitor.ops.state import pack, unpack
 from monitor.pipeline import Pipeline
 from monitor.sources.fetcher import WireRecord
-from tests.conftest import ROOT, Broker, Daemon, write_config
+from tests.conftest import ROOT, Broker, Daemon, committed, write_config
 
 START = 1_764_230_400.0
 ATTACKER = "mallory"
@@ -226,8 +226,6 @@ def produce_to_partitions(broker: Broker, topic: str, traffic: list[tuple[bytes,
 
 
 def committed_total(broker: Broker, group: str, topic: str) -> int:
-    from tests.test_crash import committed
-
     return committed(broker.bootstrap, group, topic, 2)
 
 
