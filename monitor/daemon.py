@@ -371,23 +371,29 @@ class DetectDaemon:
                 log.info("partitions revoked: %s (their state goes with them; %d held events dropped)",
                          _names(revoked), dropped)
             if added:
-                self._adopt({key: change.commits.get(key, -1) for key in added})
+                self._adopt({key: change.commits.get(key, -1) for key in added}, change.ends or {})
 
-    def _adopt(self, commits: dict[tuple[str, int], int | None]) -> None:
+    def _adopt(self, commits: dict[tuple[str, int], int | None], ends: dict[tuple[str, int], int]) -> None:
         """Take over the checkpoint pieces of newly assigned partitions (and the models' state, for the
         models not watched here yet). A piece's offset is at or past its partition's commit (pieces are
-        written before the commit): the records below it are skipped, their outputs were published."""
+        written before the commit): the records below it are skipped, their outputs were published.
+        ``ends``: the log-end offsets of the partitions with nothing committed."""
         pieces = {}
         for key in sorted(commits):
             try:
                 data = self.pieces.get(partition_key(*key)) if self.pieces is not None else None
-                if data is not None and commits[key] is None:
-                    # Nothing committed, yet a checkpoint: the topic or the group's offsets were deleted
-                    # since. It belongs to a stream that is gone, and would hold newer pieces back.
+                if data is None:
+                    continue
+                piece = unpack(data)
+                if commits[key] is None and not 0 <= piece["offset"] <= ends.get(key, -1):
+                    # Nothing committed, and a checkpoint past the partition's end: the topic was
+                    # deleted since. It belongs to a stream that is gone, and would hold newer pieces
+                    # back. (Within the partition, it is the first checkpoint of the group, whose commit
+                    # a crash or a rebalance prevented: it is taken over.)
                     log.warning("the checkpoint of %s belongs to offsets that are gone; removed", _names({key}))
                     self.pieces.remove(partition_key(*key))
-                elif data is not None:
-                    pieces[key] = unpack(data)
+                else:
+                    pieces[key] = piece
             except Exception:
                 log.exception("the checkpoint of %s could not be read; its clients start afresh", _names({key}))
         if not pieces:

@@ -7,9 +7,8 @@ import random
 import signal
 import time
 
-from kafka import KafkaConsumer, TopicPartition
 
-from tests.conftest import Daemon, event, write_config
+from tests.conftest import Daemon, committed, event, write_config
 
 MALFORMED = {
     b"not json at all": "invalid_json",
@@ -32,14 +31,6 @@ def drifting_stream(n: int, change_at: int, seed: int = 7) -> list[bytes]:
         confidence = rng.gauss(0.93, 0.02) if i < change_at else rng.gauss(0.62, 0.06)
         out.append(json.dumps(event(i, confidence=min(1.0, max(0.0, confidence)))).encode())
     return out
-
-
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return sum(consumer.committed(TopicPartition(topic, p)) or 0 for p in range(partitions))
-    finally:
-        consumer.close()
 
 
 def test_events_dead_letters_detections_and_commits(broker, tmp_path, daemons):
@@ -139,6 +130,57 @@ def test_restart_resumes_from_committed_offsets(broker, tmp_path, daemons):
     assert second.metric("inferwatch_events_total", model="fraud", outcome="processed") == 1000
     # the detector state came back from the checkpoint instead of being re-learned
     assert "restored detector state of 1 models" in second.log()
+
+
+def test_a_first_checkpoint_whose_commit_never_happened_is_taken_over(broker, tmp_path, daemons):
+    """A crash (or a rebalance) between a group's first checkpoint and its commit leaves pieces and no
+    commit: the partition's state and offset are taken over, not thrown away with everything read
+    again. (A group with nothing committed and another group's pieces is that situation.)"""
+    import shutil
+
+    import yaml
+
+    topics = broker.topics("first", partitions=1)
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(3000)])
+    first = Daemon(config, tmp_path / "first.log")
+    daemons.append(first)
+    first.wait_for(lambda: first.metric("inferwatch_events_total", model="fraud", outcome="processed") == 3000,
+                   what="first run")
+    assert first.stop(signal.SIGTERM) == 0
+
+    settings = yaml.safe_load(config.read_text())
+    settings["kafka"]["group_id"] = fresh = group_of(config) + "-uncommitted"
+    (tmp_path / "fresh.yaml").write_text(yaml.safe_dump(settings))
+    pieces = tmp_path / "state" / "checkpoints"
+    shutil.copytree(pieces / group_of(config), pieces / fresh)
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(3000, 4000)])
+    second = Daemon(tmp_path / "fresh.yaml", tmp_path / "second.log")
+    daemons.append(second)
+    second.wait_for(lambda: committed(broker.bootstrap, fresh, topics["logs"], 1) == 4000, what="the commit")
+    assert second.metric("inferwatch_events_total", model="fraud", outcome="processed") == 1000
+    assert "taken over at offset 3000" in second.log()
+    assert second.stop() == 0
+
+
+def test_a_checkpoint_past_its_partitions_end_is_removed(broker, tmp_path, daemons):
+    """Nothing committed and a piece beyond the partition's end: the topic was deleted and created
+    again since, the piece belongs to a stream that is gone."""
+    from monitor.ops.state import DirectoryPieces, pack, partition_key
+
+    topics = broker.topics("gone", partitions=1)
+    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
+    pieces = DirectoryPieces(tmp_path / "state", group_of(config))
+    pieces.prepare()
+    pieces.put(partition_key(topics["logs"], 0), pack({"ids": [], "clients": {}, "held": [], "offset": 50_000}),
+               offset=50_000)
+    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(1000)])
+    d = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(d)
+    d.wait_for(lambda: committed(broker.bootstrap, group_of(config), topics["logs"], 1) == 1000, what="the commit")
+    assert d.metric("inferwatch_events_total", model="fraud", outcome="processed") == 1000
+    assert "belongs to offsets that are gone; removed" in d.log()
+    assert d.stop() == 0
 
 
 def test_broker_outage_mid_stream_is_survived(own_broker, tmp_path, daemons):

@@ -116,7 +116,8 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
                     records = []
                 for change in source.assignments():  # before the batch read on it
                     outbox.send(("assignment", [[t, p] for t, p in change.partitions],
-                                 [[t, p, o] for (t, p), o in change.commits.items()]))
+                                 [[t, p, o] for (t, p), o in change.commits.items()],
+                                 [[t, p, o] for (t, p), o in (change.ends or {}).items()]))
                 if records:
                     outbox.send(("batch", [(r.value, r.key, r.topic, r.partition, r.offset, r.timestamp,
                                             r.headers or None) for r in records]))
@@ -232,7 +233,8 @@ class ProcessSource:
             for _ in range(sum(1 for records in kept if not records)):
                 self.done()  # a batch dropped whole is done: the consumer process counts it shipped
             self._batches = [records for records in kept if records]
-            self._assignments.append(Assignment(partitions, {(t, p): o for t, p, o in message[2]}))
+            self._assignments.append(Assignment(partitions, {(t, p): o for t, p, o in message[2]},
+                                                {(t, p): o for t, p, o in message[3]}))
         elif kind == "status":
             self._reachable = bool(message[1])
             self._lag = {(topic, partition): value for topic, partition, value in message[2]}

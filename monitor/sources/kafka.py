@@ -214,7 +214,19 @@ class KafkaSource:
             return
         commits = {key: self._committed(key) for key in now - self._assigned}
         self._assigned = now
-        self._assignments.append(Assignment(frozenset(now), commits))
+        self._assignments.append(Assignment(frozenset(now), commits,
+                                            self._ends([key for key, offset in commits.items() if offset is None])))
+
+    def _ends(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The log-end offsets of ``keys``; {} when the broker does not say (the caller assumes the worst)."""
+        if not keys:
+            return {}
+        try:
+            ends = self.consumer.end_offsets([TopicPartition(*key) for key in keys])
+        except Exception as exc:  # KafkaError, or a timeout
+            log.warning("the end offsets of %d partitions could not be read (%s)", len(keys), type(exc).__name__)
+            return {}
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items() if offset is not None}
 
     def _committed(self, key: tuple[str, int]) -> int | None:
         for attempt in range(3):
@@ -282,10 +294,12 @@ class KafkaSource:
 
 class Assignment(NamedTuple):
     """The partitions assigned after a rebalance, and for each one new here its committed offset
-    (None where nothing was committed, -1 where it could not be read)."""
+    (None where nothing was committed, -1 where it could not be read); for those with nothing
+    committed, the log-end offset where the broker said it."""
 
     partitions: frozenset[tuple[str, int]]
     commits: dict[tuple[str, int], int | None]
+    ends: dict[tuple[str, int], int] | None = None
 
 
 def next_offsets(records: Sequence[Any]) -> dict[tuple[str, int], int]:
