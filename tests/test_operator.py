@@ -124,7 +124,10 @@ def test_live_inventory_register_and_incidents_survive_a_restart(tmp_path: Path,
         if not (state / "journal.sqlite").exists():
             return []
         with sqlite3.connect(state / "journal.sqlite") as db:
-            return db.execute("SELECT id, state FROM incidents").fetchall()
+            try:
+                return db.execute("SELECT id, state FROM incidents").fetchall()
+            except sqlite3.OperationalError:  # the file is there, its tables not yet
+                return []
 
     def settled() -> bool:
         status, view, _ = get(first, "/api/models")
