@@ -6,6 +6,7 @@ import json
 import random
 import signal
 import time
+from pathlib import Path
 
 
 from tests.conftest import Daemon, committed, event, write_config
@@ -108,8 +109,9 @@ def group_of(config_path) -> str:
     return yaml.safe_load(config_path.read_text())["kafka"]["group_id"]
 
 
-def test_restart_resumes_from_committed_offsets(broker, tmp_path, daemons):
-    topics = broker.topics("restart")
+def first_run(broker, tmp_path, daemons, topics) -> Path:
+    """3,000 events on ``topics`` read to the end by a daemon stopped with SIGTERM (so checkpointed);
+    returns its config."""
     config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
     broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(3000)])
     first = Daemon(config, tmp_path / "first.log")
@@ -117,6 +119,12 @@ def test_restart_resumes_from_committed_offsets(broker, tmp_path, daemons):
     first.wait_for(lambda: first.metric("inferwatch_events_total", model="fraud", outcome="processed") == 3000,
                    what="first run")
     assert first.stop(signal.SIGTERM) == 0
+    return config
+
+
+def test_restart_resumes_from_committed_offsets(broker, tmp_path, daemons):
+    topics = broker.topics("restart")
+    config = first_run(broker, tmp_path, daemons, topics)
     assert committed(broker.bootstrap, group_of(config), topics["logs"], 3) == 3000
 
     broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(3000, 4000)])
@@ -141,13 +149,7 @@ def test_a_first_checkpoint_whose_commit_never_happened_is_taken_over(broker, tm
     import yaml
 
     topics = broker.topics("first", partitions=1)
-    config = write_config(tmp_path / "c.yaml", broker.bootstrap, topics, tmp_path / "state")
-    broker.produce(topics["logs"], [json.dumps(event(i)).encode() for i in range(3000)])
-    first = Daemon(config, tmp_path / "first.log")
-    daemons.append(first)
-    first.wait_for(lambda: first.metric("inferwatch_events_total", model="fraud", outcome="processed") == 3000,
-                   what="first run")
-    assert first.stop(signal.SIGTERM) == 0
+    config = first_run(broker, tmp_path, daemons, topics)
 
     settings = yaml.safe_load(config.read_text())
     settings["kafka"]["group_id"] = fresh = group_of(config) + "-uncommitted"
