@@ -371,7 +371,7 @@ class DetectDaemon:
                 log.info("partitions revoked: %s (their state goes with them; %d held events dropped)",
                          _names(revoked), dropped)
             if added:
-                self._adopt({key: change.commits.get(key, -1) for key in added}, change.ends or {})
+                self._adopt({key: change.commits.get(key, -1) for key in added}, change.ends)
 
     def _adopt(self, commits: dict[tuple[str, int], int | None], ends: dict[tuple[str, int], int]) -> None:
         """Take over the checkpoint pieces of newly assigned partitions (and the models' state, for the

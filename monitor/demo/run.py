@@ -146,8 +146,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     def finish() -> None:
         """Stop once the traffic is sent and the daemon has read it all (a loaded machine reads
-        late), or after a grace of a minute."""
-        traffic.thread.join(args.duration + 60.0)
+        late), or ``FINISH_GRACE_SECONDS`` after the traffic."""
+        traffic.thread.join(args.duration + FINISH_GRACE_SECONDS)
         traffic.stop.set()
         producer.flush(10)
         deadline = time.monotonic() + FINISH_GRACE_SECONDS

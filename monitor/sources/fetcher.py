@@ -117,7 +117,7 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
                 for change in source.assignments():  # before the batch read on it
                     outbox.send(("assignment", [[t, p] for t, p in change.partitions],
                                  [[t, p, o] for (t, p), o in change.commits.items()],
-                                 [[t, p, o] for (t, p), o in (change.ends or {}).items()]))
+                                 [[t, p, o] for (t, p), o in change.ends.items()]))
                 if records:
                     outbox.send(("batch", [(r.value, r.key, r.topic, r.partition, r.offset, r.timestamp,
                                             r.headers or None) for r in records]))
@@ -247,7 +247,7 @@ class ProcessSource:
         self._batches.clear()
         # Its partitions left with it: the group may have given them to another replica meanwhile, so
         # the daemon lets go of them and takes the next assignment over from the checkpoints.
-        self._assignments.append(Assignment(frozenset(), {}))
+        self._assignments.append(Assignment(frozenset(), {}, {}))
         self._start()
 
     def poll(self) -> list[Any]:

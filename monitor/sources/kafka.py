@@ -127,9 +127,6 @@ class _RebalanceLog(ConsumerRebalanceListener):
     match, and learns of the change after the poll (``KafkaSource.assignments``). (kafka-python 3 runs
     this on its IO thread, where a blocking commit is refused anyway.)"""
 
-    def __init__(self, source: "KafkaSource"):
-        self.source = source
-
     def on_partitions_revoked(self, revoked: Any) -> None:
         log.info("partitions revoked: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in revoked) or "none")
 
@@ -160,7 +157,7 @@ class KafkaSource:
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=1024 * 1024,
         )
-        self.consumer.subscribe(self.topics, listener=_RebalanceLog(self))
+        self.consumer.subscribe(self.topics, listener=_RebalanceLog())
         self._lag_labels: set[tuple[str, str]] = set()
         self._warned_internals = False
         self._assigned: set[tuple[str, int]] = set()
@@ -299,7 +296,7 @@ class Assignment(NamedTuple):
 
     partitions: frozenset[tuple[str, int]]
     commits: dict[tuple[str, int], int | None]
-    ends: dict[tuple[str, int], int] | None = None
+    ends: dict[tuple[str, int], int]
 
 
 def next_offsets(records: Sequence[Any]) -> dict[tuple[str, int], int]:
