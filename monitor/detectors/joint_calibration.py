@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from monitor.detectors import rank_cusum
-from monitor.detectors.rank_cusum import BINS, LOCATION, SPREAD, Family
+from monitor.detectors.rank_cusum import BINS, Family
 
 RUNS = 128  # simulated runs: the mean run length within about 9% (one sd)
 HORIZON = 4  # a run stops at this many times the target run length (counted as censored)
@@ -90,9 +90,8 @@ def union_run_length(null: ReferenceNull, family: Family, arl: float, runs: int,
     """Mean run length (charted events) to the first alarm of any chart of any column, every chart at
     its equal-bin threshold for ``arl``: ``sum(min(T, horizon)) / alarms`` over ``runs`` runs (the same
     draws for the same ``seed``, whatever ``arl``)."""
-    thresholds = [rank_cusum.lattice_threshold(LOCATION if score == "location" else SPREAD, k, arl)
-                  for score, _, k in family]
-    uses_spread = any(score == "spread" for score, _, _ in family)
+    thresholds = [rank_cusum.lattice_threshold(rank_cusum.support(score), k, arl) for score, _, k in family]
+    used = {score for score, _, _ in family}
     rng = np.random.default_rng(seed)
     columns = null.columns
     statistics = np.zeros((len(family), columns * runs), dtype=np.int32)
@@ -103,9 +102,8 @@ def union_run_length(null: ReferenceNull, family: Family, arl: float, runs: int,
         drawn = null.scores(rng, runs, chunk).reshape(columns * runs, chunk)  # every run: the same draws
         active = np.tile(length < 0, columns)
         location = drawn[active]
-        totals = {"location": np.cumsum(location, axis=1, dtype=np.int32)}
-        if uses_spread:
-            totals["spread"] = np.cumsum(np.abs(location.astype(np.int16)) - BINS // 2, axis=1, dtype=np.int32)
+        totals = {score: np.cumsum(rank_cusum.score_values(location, score), axis=1, dtype=np.int32)
+                  for score in used}
         first = np.full(int(active.sum()), chunk, dtype=np.int64)
         for i, ((score, sign, k), h) in enumerate(zip(family, thresholds)):
             crossed, _, end = rank_cusum.crossings(sign * totals[score], k, h, statistics[i, active])

@@ -6,8 +6,9 @@ of a new value is uniform on ``0 .. BINS-1`` whatever the stream's distribution,
 one more draw among ``N`` exchangeable draws is uniform; the reference is trimmed to ``N + 1`` a
 multiple of ``BINS`` so that the bins are exactly equal. Two integer scores are read off the bin::
 
-    location  c = 2·bin - (BINS - 1)      uniform on the odd numbers -63 .. 63
-    spread    s = |c| - BINS / 2          uniform on the odd numbers -31 .. 31
+    location    c = 2·bin - (BINS - 1)      uniform on the odd numbers -63 .. 63
+    spread      s = |c| - BINS / 2          uniform on the odd numbers -31 .. 31
+    winsorized  w = clip(c, -21, 21)        c with the outer 22 bins at each end flattened
 
 and CUSUM charts (Page 1954) accumulate them, one upward and one downward per score and tuning::
 
@@ -16,7 +17,10 @@ and CUSUM charts (Page 1954) accumulate them, one upward and one downward per sc
 ``S_t`` is the largest sum of ``x - k`` over every window ending at ``t``, so one chart scans all window
 lengths at once; the tuning ``k`` (half the score's mean under the shift the chart is for) decides
 which windows win: a small ``k`` accumulates a small shift over a long window, a large ``k`` reacts to
-a large shift in a few events. The charts may read sums of ``block`` events' scores (a chart step per
+a large shift in a few events. A large ``k`` on ``c`` still weighs an event by how far out it falls,
+which suits a normal stream's shift; when the bulk of a skewed column moves (``+0.5 sd`` of a
+long-tailed feature empties its lowest bins), what counts is how many events leave the lower third,
+and ``w`` weighs them so (1.5-1.9x ``c``'s information on breast-cancer's skewed features). The charts may read sums of ``block`` events' scores (a chart step per
 block), which divides their work by ``block``.
 
 Since the scores are integers with a known null law, the in-control run length is computed exactly by
@@ -48,6 +52,23 @@ from monitor.detectors.cusum import adjustment, drawn_log_arl, threshold_for_rat
 BINS = 64
 LOCATION: tuple[int, ...] = tuple(range(-(BINS - 1), BINS, 2))
 SPREAD: tuple[int, ...] = tuple(range(-(BINS // 2 - 1), BINS // 2, 2))
+WINSOR = 21  # the winsorized score's bound: bins 22 .. 41 keep their steps, the 22 at each end are flat
+# a support lists each bin's score (repeats allowed): under no change the score is uniform on it
+WINSORIZED: tuple[int, ...] = tuple(int(v) for v in np.clip(LOCATION, -WINSOR, WINSOR))
+
+
+def support(score: str) -> tuple[int, ...]:
+    """The scores of the 64 bins (or of 32 bin pairs, for the spread) for ``score``."""
+    return {"location": LOCATION, "spread": SPREAD, "winsorized": WINSORIZED}[score]
+
+
+def score_values(location: np.ndarray, score: str) -> np.ndarray:
+    """``score`` of events whose location scores are ``location`` (see the module docstring)."""
+    if score == "location":
+        return location
+    if score == "spread":
+        return np.abs(location.astype(np.int16)) - BINS // 2
+    return np.clip(location, -WINSOR, WINSOR)
 
 
 def usable_reference_size(n: int) -> int:
@@ -75,8 +96,9 @@ def block_steps(values: np.ndarray, probs: np.ndarray, k: int, block: int) -> tu
 
 @lru_cache(maxsize=64)
 def _steps(support: tuple[int, ...], k: int, block: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """``block_steps`` for scores uniform on ``support`` (equal bins)."""
-    return block_steps(np.asarray(support, dtype=np.int64), np.full(len(support), 1.0 / len(support)), k, block)
+    """``block_steps`` for scores uniform on ``support`` (equal bins; a repeated score adds up)."""
+    values, counts = np.unique(np.asarray(support, dtype=np.int64), return_counts=True)
+    return block_steps(values, counts / len(support), k, block)
 
 
 def lattice_arl(support: tuple[int, ...], k: int, h: int, block: int = 1) -> float:
@@ -137,15 +159,13 @@ def reference_laws(per_bin: int) -> np.ndarray:
 
 def score_laws(p: np.ndarray, score: str, sign: int) -> tuple[np.ndarray, np.ndarray]:
     """(score values, their probabilities per row of bin probabilities ``p``) for one chart."""
-    location = np.asarray(LOCATION, dtype=np.float64)
-    if score == "spread":
-        values = np.asarray(SPREAD, dtype=np.float64)
-        index = ((np.abs(location) - BINS // 2 - SPREAD[0]) // 2).astype(np.int64)
-        probs = np.zeros((p.shape[0], len(SPREAD)))
-        np.add.at(probs, (slice(None), index), p)
-    else:
-        values, probs = location, p
-    return sign * values, probs
+    if score == "location":
+        return sign * np.asarray(LOCATION, dtype=np.float64), p
+    per_bin = score_values(np.asarray(LOCATION, dtype=np.int64), score)
+    values = np.unique(per_bin)
+    probs = np.zeros((p.shape[0], len(values)))
+    np.add.at(probs, (slice(None), np.searchsorted(values, per_bin)), p)
+    return sign * values.astype(np.float64), probs
 
 
 def law_arl(p: np.ndarray, score: str, sign: int, k: int, h: int, block: int) -> float:
@@ -163,12 +183,11 @@ EXACT = 16  # drawn references whose run length is solved exactly, to correct th
 def _run_length_model(score: str, sign: int, k: int, arl: float, block: int,
                       per_bin: int) -> tuple[int, float, float, np.ndarray]:
     """(h0, log ARL at h0 for equal bins, theta for equal bins, correction polynomial in theta)."""
-    support = LOCATION if score == "location" else SPREAD
-    h0 = lattice_threshold(support, k, arl, block)
+    h0 = lattice_threshold(support(score), k, arl, block)
     values, probs = score_laws(reference_laws(per_bin), score, sign)
     theta_equal = adjustment(values, np.full((1, len(values)), 1.0 / len(values)), k)[0]
     theta = adjustment(values, probs, k)
-    log_arl0 = float(np.log(lattice_arl(support, k, h0, block)))
+    log_arl0 = float(np.log(lattice_arl(support(score), k, h0, block)))
     # Taking every draw's constant factor as equal bins' one errs (towards shorter run lengths) for
     # draws far from equal bins: exact chains for draws spread over the range of theta measure the
     # error, and a quadratic in theta corrects it.
@@ -205,7 +224,7 @@ def reference_threshold(score: str, sign: int, k: int, arl: float, block: int, p
     rate over 4,000 draws of the spacings is the nominal one, each draw's run length by
     ``draw_log_arl``; the tests check that against exact chains of other drawn references.
     """
-    if score == "location" and sign < 0:  # the spacings' law is symmetric: a fall is a mirrored rise
+    if score != "spread" and sign < 0:  # the spacings' law is symmetric: a fall is a mirrored rise
         return reference_threshold(score, 1, k, arl, block, per_bin)
     h0 = _run_length_model(score, sign, k, arl, block, per_bin)[0]
     theta = adjustment(*score_laws(reference_laws(per_bin), score, sign), k)
@@ -214,7 +233,7 @@ def reference_threshold(score: str, sign: int, k: int, arl: float, block: int, p
         return float(np.mean(np.exp(-_log_arl(theta, score, sign, k, arl, block, per_bin, h))))
 
     high = threshold_for_rate(rate, 1 / arl, 1.0, float(h0), 1e7)
-    g = _steps(LOCATION if score == "location" else SPREAD, k, block)[2]
+    g = _steps(support(score), k, block)[2]
     return int(-(-high // g) * g)
 
 
@@ -227,21 +246,35 @@ def rounded_arl(arl: float) -> float:
 def location_k(shift_sd: float) -> int:
     """``k`` for the location score, tuned to a mean shift of ``shift_sd`` reference sd of a normal
     stream: half the expected score under that shift (rounded to a whole step)."""
-    return max(1, round(_expected_score(LOCATION, lambda q: stats.norm.cdf(q - shift_sd)) / 2))
+    return max(1, round(_expected(np.asarray(LOCATION), lambda q: stats.norm.cdf(q - shift_sd)) / 2))
 
 
 def spread_k(ratio: float) -> int:
     """``k`` for the spread score, tuned to the sd multiplied by ``ratio`` (> 1 up, < 1 down)."""
-    expected = _expected_score(SPREAD, lambda q: stats.norm.cdf(q / ratio), spread=True)
+    expected = _expected(score_values(np.asarray(LOCATION), "spread"), lambda q: stats.norm.cdf(q / ratio))
     return max(1, round(abs(expected) / 2))
 
 
-def _expected_score(support: tuple[int, ...], cdf, spread: bool = False) -> float:
+@lru_cache(maxsize=32)
+def winsorized_k(shift_sd: float) -> int:
+    """``k`` for the winsorized score, tuned to a mean shift of ``shift_sd`` reference sd of a normal
+    stream: the ``k`` with the largest rate ``theta(k)·(E[w] - k)`` (the chart's delay is about
+    ``log(ARL) / rate``, with ``theta`` the root of ``adjustment``). Half the expected score, as
+    ``location_k`` takes, is far from it for a score this bounded (2 sd: 10 where the best is 15)."""
+    values = np.asarray(WINSORIZED, dtype=np.float64)
+    expected = _expected(values, lambda q: stats.norm.cdf(q - shift_sd))
+    ks = [k for k in range(1, WINSOR) if k < expected]
+    if not ks:
+        return 1
+    equal = np.full((1, BINS), 1.0 / BINS)
+    return ks[int(np.argmax([adjustment(values, equal, k)[0] * (expected - k) for k in ks]))]
+
+
+def _expected(per_bin: np.ndarray, cdf) -> float:
+    """The expected score, given each bin's score, of a normal stream whose cdf is ``cdf``."""
     edges = stats.norm.ppf(np.arange(1, BINS) / BINS)
     p = np.diff(np.concatenate([[0.0], cdf(edges), [1.0]]))  # probability of each bin under the shift
-    c = np.asarray(LOCATION, dtype=np.float64)
-    scores = np.abs(c) - BINS / 2 if spread else c
-    return float(p @ scores)
+    return float(p @ per_bin)
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -321,10 +354,9 @@ class RankBins:
         return out
 
 
-def scores(bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(location, spread) integer scores of the bins (see the module docstring)."""
-    location = 2 * bins - (BINS - 1)
-    return location, np.abs(location) - BINS // 2
+def location_scores(bins: np.ndarray) -> np.ndarray:
+    """The location scores of the bins (see the module docstring); ``score_values`` gives the others."""
+    return 2 * bins - (BINS - 1)
 
 
 # -- the charts of one column together ------------------------------------------------------------
@@ -342,16 +374,16 @@ def family_overlap(family: Family, arl: float, runs: int, seed: int = 0) -> floa
     ``arl`` grows (rarer alarms take more different paths); it depends on nothing but the family and
     ``arl``, so ``OVERLAP`` tabulates it once (``bench/chart_overlap.py``)."""
     rng = np.random.default_rng(seed)
-    thresholds = [lattice_threshold(LOCATION if score == "location" else SPREAD, k, arl) for score, _, k in family]
+    thresholds = [lattice_threshold(support(score), k, arl) for score, _, k in family]
     lengths = np.zeros(runs, dtype=np.int64)  # the runs' first alarms (the censored: their length)
     for group in np.array_split(np.arange(runs), -(-runs // 1024)):
         statistics = np.zeros((len(family), len(group)), dtype=np.int64)
         active, done = group, 0
         chunk = int(min(4096, max(64, arl / len(family) / 4)))
         while len(active) and done < 100 * arl:
-            location, spread = scores(rng.integers(0, BINS, (len(active), chunk)))
-            totals = {"location": np.cumsum(location, axis=1, dtype=np.int32),
-                      "spread": np.cumsum(spread, axis=1, dtype=np.int32)}
+            location = 2 * rng.integers(0, BINS, (len(active), chunk)) - (BINS - 1)
+            totals = {score: np.cumsum(score_values(location, score), axis=1, dtype=np.int32)
+                      for score in {score for score, _, _ in family}}
             first = np.full(len(active), chunk, dtype=np.int64)
             for i, ((score, sign, k), h) in enumerate(zip(family, thresholds)):
                 crossed, _, statistics[i] = crossings(sign * totals[score], k, h, statistics[i])
@@ -378,9 +410,11 @@ def effective_charts(family: Family, arl: float) -> float:
     ``len(family) / overlap``, with the overlap of the default family read from ``OVERLAP``
     (interpolated in log run length, never above an entry at a shorter run length, since the true ratio
     falls; below the table, its first entry). Another family, or a run length beyond the table, counts in
-    full: the union bound, which errs towards fewer false alarms."""
-    if family != OVERLAP_FAMILY or arl > OVERLAP[-1][0]:
+    full: the union bound, which errs towards fewer false alarms. So do charts added after the default
+    family (the winsorized ones): the default family counts as tabulated, each added chart as one."""
+    base = len(OVERLAP_FAMILY)
+    if family[:base] != OVERLAP_FAMILY or arl > OVERLAP[-1][0]:
         return float(len(family))
     arls, ratios = zip(*OVERLAP)
     falling = np.minimum.accumulate(ratios)
-    return len(family) / max(1.0, float(np.interp(np.log(arl), np.log(arls), falling)))
+    return base / max(1.0, float(np.interp(np.log(arl), np.log(arls), falling))) + len(family) - base
