@@ -84,7 +84,7 @@ CRITICAL_EXCESS = 1.5  # a statistic this far past its threshold SOON events aft
 SOON = 64  # charted events after a crossing at which the excess over the threshold is read (severity)
 # The charts' calibration method: a checkpoint from another is rebuilt, not restored (charts on sums
 # of 8 events, version 1, restored into charts that step every event alarmed several times too often).
-CALIBRATION = 2
+CALIBRATION = 3
 RECENT = 500  # rows kept per column group to summarise the current window of an alarm
 MIN_REFERENCE = 2 * rank_cusum.BINS - 1  # the smallest reference that fills the bins twice
 
@@ -124,12 +124,16 @@ def chart_set(shifts: list[float], spread: float | None, bulk: float | None = No
 class ColumnGroup:
     """Columns ranked against one reference matrix, each with the same set of charts."""
 
-    def __init__(self, names: list[str], kind: str, ref: np.ndarray, charts: list[Chart], log_scale: bool = False):
+    def __init__(self, names: list[str], kind: str, ref: np.ndarray, charts: list[Chart], log_scale: bool = False,
+                 shifts: list[float] | None = None):
+        """``shifts``: the mean shifts (sd) the level charts are tuned to, which decide the columns the bulk
+        charts watch (``limit_bulk``)."""
         self.names = names
         self.kind = kind  # of the detection an alarm makes
         self.log_scale = log_scale  # heavy-tailed figures are summarised on log1p
         self.bins = RankBins(ref)
         self.charts = charts
+        self.watch = np.ones((len(charts), len(names)), dtype=bool)  # the columns each chart watches
         self.statistics = np.zeros((len(charts), len(names)), dtype=np.int64)
         self.quiet_until = np.zeros(len(names), dtype=np.int64)
         self.seen = 0
@@ -141,22 +145,50 @@ class ColumnGroup:
         self.recent = np.full((RECENT, len(names)), np.nan)
         self.recent_pos = 0
         self.last_excess = 0.0  # the largest alarm's excess in the last update (replay's plots)
+        self.limit_bulk(ref, shifts or [])
 
     def family(self) -> rank_cusum.Family:
         return tuple((c.score, c.sign, c.k) for c in self.charts)
+
+    def count(self, arl: float) -> float:
+        """What the group's charts count for in the union bound at a per-chart run length ``arl`` (a
+        column's own charts overlap: ``rank_cusum.effective_charts``)."""
+        return joint_calibration.independent_count(self.family(), len(self.names), arl, self.watch)
+
+    def limit_bulk(self, ref: np.ndarray, shifts: list[float]) -> None:
+        """A bulk chart watches a column only where, on the column's reference moved by one of ``shifts``
+        of its sd in the chart's direction, it drifts towards its threshold faster than every level
+        chart of that direction (``rank_cusum.drift_rate``): where the column is long-tailed on that
+        side. Elsewhere it would find nothing sooner and only raise every chart's threshold."""
+        bulk = [i for i, c in enumerate(self.charts) if c.score == "winsorized"]
+        if not bulk:
+            return
+        sd = ref.std(axis=0)
+        for i in bulk:
+            sign = self.charts[i].sign
+            level = [c for c in self.charts if c.score == "location" and c.sign == sign]
+            quicker = np.zeros(len(self.names), dtype=bool)
+            for shift in shifts:
+                bins = self.bins.bins(ref + sign * shift * sd)
+                q = np.stack([np.bincount(b, minlength=rank_cusum.BINS) for b in bins]) / len(ref)
+                best = np.max([rank_cusum.drift_rate(c.score, sign, c.k, q) for c in level], axis=0, initial=0.0)
+                quicker |= rank_cusum.drift_rate("winsorized", sign, self.charts[i].k, q) > best
+            self.watch[i] = quicker
 
     def calibrate(self, arl: float) -> None:
         """Thresholds for one false alarm per ``arl`` charted events, averaged over the
         sampling error of this group's reference (``rank_cusum.reference_threshold``)."""
         per_bin = self.bins.per_bin
-        charts = []
-        for c in self.charts:
+        charts, kept = [], []
+        for i, c in enumerate(self.charts):
             try:
                 charts.append(msgspec.structs.replace(
                     c, h=rank_cusum.reference_threshold(c.score, c.sign, c.k, arl, 1, per_bin)))
+                kept.append(i)
             except ValueError as exc:  # a tuning too small for this reference to tell from no change
                 log.warning("%s: no %s chart: %s", ", ".join(self.names[:3]), c.name, exc)
         self.charts = charts
+        self.watch = self.watch[kept]
         self.statistics = np.zeros((len(charts), len(self.names)), dtype=np.int64)
 
     def update(self, values: np.ndarray, bins: np.ndarray | None = None) -> list[tuple[int, int, int, float]]:
@@ -177,7 +209,9 @@ class ColumnGroup:
             for c, chart in enumerate(self.charts):
                 total = totals[chart.score] if chart.sign > 0 else -totals[chart.score]
                 first, soon, end = rank_cusum.crossings(total, chart.k, chart.h, self.statistics[c], SOON)
-                self.statistics[c] = end
+                watched = self.watch[c]
+                self.statistics[c] = np.where(watched, end, 0)
+                first = np.where(watched, first, -1)
                 for j in np.flatnonzero(first >= 0).tolist():
                     index = int(first[j])
                     if quiet[j] and self.seen + index < self.quiet_until[j]:
@@ -473,7 +507,7 @@ class Drift(Detector):
                 names = [f"f{j}" for j in range(self.dimension)]
             self.feature_names = names
             if p.features:
-                self.groups["features"] = ColumnGroup(names, "feature_drift", features, charts)
+                self.groups["features"] = ColumnGroup(names, "feature_drift", features, charts, shifts=p.shifts)
             if p.multivariate and self.dimension >= 2 and len(features) >= 2 * MIN_REFERENCE + 2:
                 self.kernel = KernelScore(features)
                 null = self.kernel.null_scores[:, None]
@@ -484,7 +518,7 @@ class Drift(Detector):
             values = _stack(parts.get(stream, []), column=True)
             if len(values) >= MIN_REFERENCE:
                 self.groups[stream] = ColumnGroup([stream], STREAM_KINDS[stream], values, charts,
-                                                  stream in LOG_STREAMS)
+                                                  stream in LOG_STREAMS, p.shifts)
         if p.classes:
             self._build_classes(parts.get("classes", []))
         errors = _stack(parts.get("errors", []), column=True)[:, 0]
@@ -497,7 +531,7 @@ class Drift(Detector):
                     self.errors_detector.update(float(e))
         # class charts that cannot hold the ERT are dropped below; they are few, so counting them here
         # errs by a few per cent towards fewer false alarms
-        self.charts_total = (sum(len(g.charts) * len(g.names) for g in self.groups.values())
+        self.charts_total = (sum(int(g.watch.sum()) for g in self.groups.values())
                              + len(self.class_charts))
         # Union bound: each chart gets ert x (charts it shares the ERT with). A column's charts alarm
         # together more often than that bound assumes, so a column counts for fewer charts
@@ -506,8 +540,7 @@ class Drift(Detector):
         # The charts read one event in sample_every: their run length, in the events they read, is
         # shorter by that factor for the same false alarms per event of the stream.
         union = rank_cusum.rounded_arl(float(p.ert) * max(1, self.charts_total))
-        counts = {name: len(g.names) * rank_cusum.effective_charts(g.family(), union / p.sample_every)
-                  for name, g in self.groups.items()}
+        counts = {name: g.count(union / p.sample_every) for name, g in self.groups.items()}
         counted = len(self.class_charts) + sum(counts.values())
         self.arl = rank_cusum.rounded_arl(float(p.ert) * max(1.0, counted))
         # Correlated features alarm together: the union bound over them is conservative (1.8 ERTs
@@ -518,7 +551,7 @@ class Drift(Detector):
         if p.calibration == "joint" and group is not None and len(group.names) >= 2 and group.charts:
             joint = joint_calibration.joint_count(
                 joint_calibration.ReferenceNull(features, seed=zlib.crc32(features.tobytes())),
-                group.family(), float(p.ert) / p.sample_every, (counted - counts["features"]))
+                group.family(), float(p.ert) / p.sample_every, (counted - counts["features"]), watch=group.watch)
             self.joint = {"charts": round(joint.charts, 2), "union_charts": round(counts["features"], 2),
                           "simulated_run_length": round(joint.simulated_at), "extrapolated": joint.extrapolated}
             self.arl = rank_cusum.rounded_arl(joint.arl * p.sample_every)

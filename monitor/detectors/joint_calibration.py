@@ -86,14 +86,16 @@ class ReferenceNull:
 
 
 def union_run_length(null: ReferenceNull, family: Family, arl: float, runs: int, horizon: int,
-                     seed: int) -> float:
+                     seed: int, watch: np.ndarray | None = None) -> float:
     """Mean run length (charted events) to the first alarm of any chart of any column, every chart at
     its equal-bin threshold for ``arl``: ``sum(min(T, horizon)) / alarms`` over ``runs`` runs (the same
-    draws for the same ``seed``, whatever ``arl``)."""
+    draws for the same ``seed``, whatever ``arl``). ``watch`` (charts x columns, bool): the columns each
+    chart watches (default: all)."""
     thresholds = [rank_cusum.lattice_threshold(rank_cusum.support(score), k, arl) for score, _, k in family]
     used = {score for score, _, _ in family}
     rng = np.random.default_rng(seed)
     columns = null.columns
+    watched = np.ones((len(family), columns * runs), dtype=bool) if watch is None else np.repeat(watch, runs, axis=1)
     statistics = np.zeros((len(family), columns * runs), dtype=np.int32)
     length = np.full(runs, -1, dtype=np.int64)  # first alarm (events), -1 while running
     done = 0
@@ -108,7 +110,7 @@ def union_run_length(null: ReferenceNull, family: Family, arl: float, runs: int,
         for i, ((score, sign, k), h) in enumerate(zip(family, thresholds)):
             crossed, _, end = rank_cusum.crossings(sign * totals[score], k, h, statistics[i, active])
             statistics[i, active] = end
-            first = np.where(crossed >= 0, np.minimum(first, crossed), first)
+            first = np.where((crossed >= 0) & watched[i, active], np.minimum(first, crossed), first)
         per_run = np.full(columns * runs, chunk, dtype=np.int64)
         per_run[active] = first
         per_run = per_run.reshape(columns, runs).min(axis=0)
@@ -120,10 +122,13 @@ def union_run_length(null: ReferenceNull, family: Family, arl: float, runs: int,
     return total / max(alarms, 1) if alarms else float(horizon) * runs
 
 
-def independent_count(family: Family, columns: int, arl: float) -> float:
+def independent_count(family: Family, columns: int, arl: float, watch: np.ndarray | None = None) -> float:
     """What ``columns`` independent columns with these charts count for (the union bound, with a
-    column's own overlap from ``rank_cusum.OVERLAP``)."""
-    return columns * rank_cusum.effective_charts(family, arl)
+    column's own overlap from ``rank_cusum.OVERLAP``); ``watch``: the columns each chart watches."""
+    if watch is None:
+        return columns * rank_cusum.effective_charts(family, arl)
+    return sum(rank_cusum.effective_charts(tuple(c for c, on in zip(family, column) if on), arl)
+               for column in watch.T)
 
 
 def _excess_overlap(arl: float) -> float:
@@ -137,30 +142,32 @@ _CACHE: dict[tuple, JointCount] = {}
 
 
 def joint_count(null: ReferenceNull, family: Family, ert: float, others: float, seed: int = 0,
-                runs: int = RUNS, budget: float = BUDGET) -> JointCount:
+                runs: int = RUNS, budget: float = BUDGET, watch: np.ndarray | None = None) -> JointCount:
     """The group's count and the per-chart run length ``A`` (both in charted events) for which the
     whole detector alarms once per ``ert`` charted events, when its other charts count for ``others``
-    (see the module docstring). Cached by the reference's digest and the arguments."""
-    key = (null.digest, family, round(ert, 6), round(others, 6), seed, runs, budget)
+    (see the module docstring); ``watch`` (charts x columns, bool): the columns each chart watches, when
+    not all. Cached by the reference's digest and the arguments."""
+    key = (null.digest, family, round(ert, 6), round(others, 6), seed, runs, budget,
+           None if watch is None else np.packbits(watch).tobytes())
     if key in _CACHE:
         return _CACHE[key]
     columns = null.columns
-    arl = ert * (others + independent_count(family, columns, ert * columns * len(family)))
+    arl = ert * (others + independent_count(family, columns, ert * columns * len(family), watch))
     target = ert  # the group's run length is at most the detector's
     affordable = budget / (runs * columns * HORIZON)
     extrapolated = target > affordable
     simulated_at = min(target, affordable)
     scale = simulated_at / target  # simulate at a shorter run length when the budget says so
-    count = independent_count(family, columns, arl)
+    count = independent_count(family, columns, arl, watch)
     for _ in range(STEPS):
         sim_arl = max(2.0, arl * scale)
         horizon = int(HORIZON * max(simulated_at, sim_arl / max(count, 1.0)))
-        length = union_run_length(null, family, sim_arl, runs, horizon, seed)
+        length = union_run_length(null, family, sim_arl, runs, horizon, seed, watch)
         simulated = sim_arl / length
         if extrapolated:
-            r = independent_count(family, columns, sim_arl) / simulated
+            r = independent_count(family, columns, sim_arl, watch) / simulated
             r_target = 1 + (r - 1) * _excess_overlap(arl) / _excess_overlap(sim_arl)
-            count = independent_count(family, columns, arl) / r_target
+            count = independent_count(family, columns, arl, watch) / r_target
         else:
             count = simulated
         new = ert * (others + count)

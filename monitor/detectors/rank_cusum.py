@@ -270,6 +270,21 @@ def winsorized_k(shift_sd: float) -> int:
     return ks[int(np.argmax([adjustment(values, equal, k)[0] * (expected - k) for k in ks]))]
 
 
+@lru_cache(maxsize=256)
+def _null_theta(score: str, sign: int, k: int) -> float:
+    per_bin = sign * score_values(np.asarray(LOCATION, dtype=np.int64), score).astype(np.float64)
+    return float(adjustment(per_bin, np.full((1, BINS), 1.0 / BINS), k)[0])
+
+
+def drift_rate(score: str, sign: int, k: int, q: np.ndarray) -> np.ndarray:
+    """How fast a chart moves towards its threshold when the bins have probabilities ``q`` (rows):
+    ``theta·(E_q[score] - k)``, with ``theta`` the root of ``cusum.adjustment`` for no change. Its delay
+    is about ``log(ARL) / rate`` (the threshold is about ``log(ARL) / theta``); not positive: the chart
+    does not move towards it at all."""
+    per_bin = sign * score_values(np.asarray(LOCATION, dtype=np.int64), score).astype(np.float64)
+    return _null_theta(score, sign, k) * (np.atleast_2d(q) @ per_bin - k)
+
+
 def _expected(per_bin: np.ndarray, cdf) -> float:
     """The expected score, given each bin's score, of a normal stream whose cdf is ``cdf``."""
     edges = stats.norm.ppf(np.arange(1, BINS) / BINS)
