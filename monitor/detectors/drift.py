@@ -5,7 +5,10 @@ What is watched, per model (each part can be switched off):
 - **every feature**, and the scalar ``streams`` (confidence, a numeric prediction, latency and cost
   figures): rank CUSUM charts (``monitor.detectors.rank_cusum``) on each value's bin among the
   reference, for a rise or fall of the level (tuned to mean shifts of ``shifts`` reference sd) and of
-  the spread (tuned to the sd growing or shrinking by ``spread``);
+  the spread (tuned to the sd growing or shrinking by ``spread``); and, on a column long-tailed on one
+  side, a "bulk" chart for a rise (or fall) of the level on winsorized ranks (tuned to ``bulk`` sd):
+  when the bulk of a long-tailed feature moves, what changes is how many events leave its lower third,
+  not how far out they fall (``ColumnGroup.limit_bulk`` decides where it watches);
 - **the feature vector as a whole**: each event's kernel score against the reference (the cross term
   of the MMD, ``mean_r k(x, r)``, on random Fourier features of the reference's top principal
   components), ranked among the scores of held-out reference events, with the same charts. It sees
@@ -834,6 +837,10 @@ class Drift(Detector):
             "chart_run_length": self.arl, "joint_calibration": self.joint, "classes": self.classes[:-1],
             "alarms": {name: g.alarms for name, g in self.groups.items()},
             "alarms_within_cooldown": dict(self.suppressed),
+            # per group, the columns each bulk chart watches (those long-tailed on its side)
+            "bulk_charts": {name: {c.name: [g.names[j] for j in np.flatnonzero(g.watch[i])]
+                                   for i, c in enumerate(g.charts) if c.score == "winsorized"}
+                            for name, g in self.groups.items() if any(c.score == "winsorized" for c in g.charts)},
         })
         return out
 
