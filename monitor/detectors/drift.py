@@ -567,6 +567,9 @@ class Drift(Detector):
         log.info("%s: drift reference built from %d events: %d features, %d streams, %d classes, "
                  "%d charts at %.3g events each", self.model, len(features), self.dimension,
                  len(self._rank_streams()), len(self.classes), self.charts_total, self.arl)
+        for name, charts in self.describe()["bulk_charts"].items():
+            log.info("%s: bulk charts on %s: %s", self.model, name,
+                     "; ".join(f"{chart}: {', '.join(columns) or 'none'}" for chart, columns in charts.items()))
 
     def _build_classes(self, classes: list[str]) -> None:
         if not classes:
