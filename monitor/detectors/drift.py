@@ -210,11 +210,16 @@ class ColumnGroup:
         if len(values):
             quiet = self.quiet_until > self.seen  # columns still quiet after an earlier alarm
             for c, chart in enumerate(self.charts):
-                total = totals[chart.score] if chart.sign > 0 else -totals[chart.score]
-                first, soon, end = rank_cusum.crossings(total, chart.k, chart.h, self.statistics[c], SOON)
                 watched = self.watch[c]
-                self.statistics[c] = np.where(watched, end, 0)
-                first = np.where(watched, first, -1)
+                if not watched.any():
+                    continue
+                # a chart runs on the columns it watches only (a bulk chart: the long-tailed ones)
+                rows = slice(None) if watched.all() else np.flatnonzero(watched)
+                total = totals[chart.score][rows]
+                first = np.full(len(self.names), -1, dtype=np.int64)
+                soon = np.zeros(len(self.names), dtype=np.int64)
+                first[rows], soon[rows], self.statistics[c, rows] = rank_cusum.crossings(
+                    total if chart.sign > 0 else -total, chart.k, chart.h, self.statistics[c, rows], SOON)
                 for j in np.flatnonzero(first >= 0).tolist():
                     index = int(first[j])
                     if quiet[j] and self.seen + index < self.quiet_until[j]:
