@@ -205,7 +205,7 @@ class ColumnGroup:
         and cost up to 7 events of delay (bench/RESULTS.md)."""
         location = rank_cusum.location_scores(self.bins.bins(values) if bins is None else bins)
         totals = {score: np.cumsum(rank_cusum.score_values(location, score), axis=1, dtype=np.int32)
-                  for score in {c.score for c in self.charts}}
+                  for score in {c.score for c, watched in zip(self.charts, self.watch) if watched.any()}}
         found: dict[int, tuple[int, int, float]] = {}
         if len(values):
             quiet = self.quiet_until > self.seen  # columns still quiet after an earlier alarm
