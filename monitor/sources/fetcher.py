@@ -98,7 +98,7 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
                     in_flight -= 1
                 elif kind == "commit":  # ("commit", [[topic, partition, next_offset], ...], ack id, timeout)
                     _, offsets, ack, timeout = message
-                    error = _commit(source, {(t, p): o for t, p, o in offsets}, timeout) if offsets else None
+                    error = _commit(source, _keyed(offsets), timeout) if offsets else None
                     outbox.send(("ack", ack, error))
                 elif kind == "stop":
                     return
@@ -116,8 +116,7 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
                     records = []
                 for change in source.assignments():  # before the batch read on it
                     outbox.send(("assignment", [[t, p] for t, p in change.partitions],
-                                 [[t, p, o] for (t, p), o in change.commits.items()],
-                                 [[t, p, o] for (t, p), o in change.ends.items()]))
+                                 _rows(change.commits), _rows(change.ends)))
                 if records:
                     outbox.send(("batch", [(r.value, r.key, r.topic, r.partition, r.offset, r.timestamp,
                                             r.headers or None) for r in records]))
@@ -125,8 +124,7 @@ def _child(config_json: bytes, conn: Any, log_level: str, log_format: str) -> No
             now = time.monotonic()
             if now - last_status > STATUS_EVERY and outbox.idle():  # a daemon that is not reading needs none
                 last_status = now
-                lag = [[topic, partition, value] for (topic, partition), value in source.lag().items()]
-                outbox.send(("status", source.broker_reachable(), lag))
+                outbox.send(("status", source.broker_reachable(), _rows(source.lag())))
     except (EOFError, BrokenPipeError, OSError):
         return  # the daemon closed its end
     finally:
@@ -165,6 +163,16 @@ class _Outbox:
 
     def close(self) -> None:
         self.queue.put(None)
+
+
+def _rows(by_partition: dict[tuple[str, int], Any]) -> list[list[Any]]:
+    """A mapping keyed by (topic, partition) as the pipe carries it: [[topic, partition, value], ...]."""
+    return [[t, p, value] for (t, p), value in by_partition.items()]
+
+
+def _keyed(rows: list[list[Any]]) -> dict[tuple[str, int], Any]:
+    """``_rows`` read back."""
+    return {(t, p): value for t, p, value in rows}
 
 
 def _commit(source: Any, offsets: dict[tuple[str, int], int], timeout: float) -> str | None:
@@ -233,11 +241,10 @@ class ProcessSource:
             for _ in range(sum(1 for records in kept if not records)):
                 self.done()  # a batch dropped whole is done: the consumer process counts it shipped
             self._batches = [records for records in kept if records]
-            self._assignments.append(Assignment(partitions, {(t, p): o for t, p, o in message[2]},
-                                                {(t, p): o for t, p, o in message[3]}))
+            self._assignments.append(Assignment(partitions, _keyed(message[2]), _keyed(message[3])))
         elif kind == "status":
             self._reachable = bool(message[1])
-            self._lag = {(topic, partition): value for topic, partition, value in message[2]}
+            self._lag = _keyed(message[2])
 
     def _alive_or_restart(self) -> None:
         if self.process.is_alive():
@@ -310,8 +317,7 @@ class ProcessSource:
             return
         ack = next(self._acks)
         try:
-            wire = [[t, p, o] for (t, p), o in offsets.items()]
-            self._conn.send_bytes(_encoder.encode(("commit", wire, ack, timeout)))
+            self._conn.send_bytes(_encoder.encode(("commit", _rows(offsets), ack, timeout)))
         except OSError as exc:
             raise ChildFailed(f"the consumer process is gone: {exc}") from None
         self._wait_ack(ack, timeout + 1)
