@@ -71,6 +71,14 @@ def score_values(location: np.ndarray, score: str) -> np.ndarray:
     return np.clip(location, -WINSOR, WINSOR)
 
 
+@lru_cache(maxsize=8)
+def bin_scores(score: str) -> np.ndarray:
+    """``score`` of each of the ``BINS`` bins, lowest bin first (float64, read-only)."""
+    out = score_values(np.asarray(LOCATION, dtype=np.int64), score).astype(np.float64)
+    out.flags.writeable = False
+    return out
+
+
 def usable_reference_size(n: int) -> int:
     """The largest ``N <= n`` with ``N + 1`` a multiple of ``BINS`` (equal bins without randomness)."""
     return max(0, (n + 1) // BINS * BINS - 1)
@@ -159,13 +167,13 @@ def reference_laws(per_bin: int) -> np.ndarray:
 
 def score_laws(p: np.ndarray, score: str, sign: int) -> tuple[np.ndarray, np.ndarray]:
     """(score values, their probabilities per row of bin probabilities ``p``) for one chart."""
+    per_bin = bin_scores(score)
     if score == "location":
-        return sign * np.asarray(LOCATION, dtype=np.float64), p
-    per_bin = score_values(np.asarray(LOCATION, dtype=np.int64), score)
+        return sign * per_bin, p
     values = np.unique(per_bin)
     probs = np.zeros((p.shape[0], len(values)))
     np.add.at(probs, (slice(None), np.searchsorted(values, per_bin)), p)
-    return sign * values.astype(np.float64), probs
+    return sign * values, probs
 
 
 def law_arl(p: np.ndarray, score: str, sign: int, k: int, h: int, block: int) -> float:
@@ -246,12 +254,12 @@ def rounded_arl(arl: float) -> float:
 def location_k(shift_sd: float) -> int:
     """``k`` for the location score, tuned to a mean shift of ``shift_sd`` reference sd of a normal
     stream: half the expected score under that shift (rounded to a whole step)."""
-    return max(1, round(_expected(np.asarray(LOCATION), lambda q: stats.norm.cdf(q - shift_sd)) / 2))
+    return max(1, round(float(_normal_bins(lambda q: stats.norm.cdf(q - shift_sd)) @ bin_scores("location")) / 2))
 
 
 def spread_k(ratio: float) -> int:
     """``k`` for the spread score, tuned to the sd multiplied by ``ratio`` (> 1 up, < 1 down)."""
-    expected = _expected(score_values(np.asarray(LOCATION), "spread"), lambda q: stats.norm.cdf(q / ratio))
+    expected = float(_normal_bins(lambda q: stats.norm.cdf(q / ratio)) @ bin_scores("spread"))
     return max(1, round(abs(expected) / 2))
 
 
@@ -261,19 +269,16 @@ def winsorized_k(shift_sd: float) -> int:
     stream: the ``k`` with the largest rate ``theta(k)·(E[w] - k)`` (the chart's delay is about
     ``log(ARL) / rate``, with ``theta`` the root of ``adjustment``). Half the expected score, as
     ``location_k`` takes, is far from it for a score this bounded (2 sd: 10 where the best is 15)."""
-    values = np.asarray(WINSORIZED, dtype=np.float64)
-    expected = _expected(values, lambda q: stats.norm.cdf(q - shift_sd))
-    ks = [k for k in range(1, WINSOR) if k < expected]
+    shifted = _normal_bins(lambda q: stats.norm.cdf(q - shift_sd))
+    ks = [k for k in range(1, WINSOR) if k < shifted @ bin_scores("winsorized")]
     if not ks:
         return 1
-    equal = np.full((1, BINS), 1.0 / BINS)
-    return ks[int(np.argmax([adjustment(values, equal, k)[0] * (expected - k) for k in ks]))]
+    return ks[int(np.argmax([drift_rate("winsorized", 1, k, shifted)[0] for k in ks]))]
 
 
 @lru_cache(maxsize=256)
 def _null_theta(score: str, sign: int, k: int) -> float:
-    per_bin = sign * score_values(np.asarray(LOCATION, dtype=np.int64), score).astype(np.float64)
-    return float(adjustment(per_bin, np.full((1, BINS), 1.0 / BINS), k)[0])
+    return float(adjustment(sign * bin_scores(score), np.full((1, BINS), 1.0 / BINS), k)[0])
 
 
 def drift_rate(score: str, sign: int, k: int, q: np.ndarray) -> np.ndarray:
@@ -281,15 +286,13 @@ def drift_rate(score: str, sign: int, k: int, q: np.ndarray) -> np.ndarray:
     ``theta·(E_q[score] - k)``, with ``theta`` the root of ``cusum.adjustment`` for no change. Its delay
     is about ``log(ARL) / rate`` (the threshold is about ``log(ARL) / theta``); not positive: the chart
     does not move towards it at all."""
-    per_bin = sign * score_values(np.asarray(LOCATION, dtype=np.int64), score).astype(np.float64)
-    return _null_theta(score, sign, k) * (np.atleast_2d(q) @ per_bin - k)
+    return _null_theta(score, sign, k) * (np.atleast_2d(q) @ (sign * bin_scores(score)) - k)
 
 
-def _expected(per_bin: np.ndarray, cdf) -> float:
-    """The expected score, given each bin's score, of a normal stream whose cdf is ``cdf``."""
+def _normal_bins(cdf) -> np.ndarray:
+    """The bins' probabilities for a normal stream, changed so that its cdf is ``cdf``."""
     edges = stats.norm.ppf(np.arange(1, BINS) / BINS)
-    p = np.diff(np.concatenate([[0.0], cdf(edges), [1.0]]))  # probability of each bin under the shift
-    return float(p @ per_bin)
+    return np.diff(np.concatenate([[0.0], cdf(edges), [1.0]]))
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -396,7 +399,7 @@ def family_overlap(family: Family, arl: float, runs: int, seed: int = 0) -> floa
         active, done = group, 0
         chunk = int(min(4096, max(64, arl / len(family) / 4)))
         while len(active) and done < 100 * arl:
-            location = 2 * rng.integers(0, BINS, (len(active), chunk)) - (BINS - 1)
+            location = location_scores(rng.integers(0, BINS, (len(active), chunk)))
             totals = {score: np.cumsum(score_values(location, score), axis=1, dtype=np.int32)
                       for score in {score for score, _, _ in family}}
             first = np.full(len(active), chunk, dtype=np.int64)
