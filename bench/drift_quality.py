@@ -623,7 +623,7 @@ def print_stream(stream: Stream, tallies: dict[str, Tally], args: argparse.Names
             cols = tallies["ours"].first_columns.get(s, [])
             if not cols:
                 continue
-            names, counts = np.unique(cols, return_counts=True) if cols else ([], [])
+            names, counts = np.unique(cols, return_counts=True)
             top = sorted(zip(counts, names), reverse=True)[:3]
             print(f"- {title}: " + ", ".join(f"{n} ({c})" for c, n in top))
     if "ours" in tallies and "alibi" in tallies:

@@ -572,7 +572,7 @@ class Drift(Detector):
         log.info("%s: drift reference built from %d events: %d features, %d streams, %d classes, "
                  "%d charts at %.3g events each", self.model, len(features), self.dimension,
                  len(self._rank_streams()), len(self.classes), self.charts_total, self.arl)
-        for name, charts in self.describe()["bulk_charts"].items():
+        for name, charts in self._bulk_columns().items():
             log.info("%s: bulk charts on %s: %s", self.model, name,
                      "; ".join(f"{chart}: {', '.join(columns) or 'none'}" for chart, columns in charts.items()))
 
@@ -845,11 +845,17 @@ class Drift(Detector):
             "chart_run_length": self.arl, "joint_calibration": self.joint, "classes": self.classes[:-1],
             "alarms": {name: g.alarms for name, g in self.groups.items()},
             "alarms_within_cooldown": dict(self.suppressed),
-            # per group, the columns each bulk chart watches (those long-tailed on its side)
-            "bulk_charts": {name: {c.name: [g.names[j] for j in np.flatnonzero(g.watch[i])]
-                                   for i, c in enumerate(g.charts) if c.score == "winsorized"}
-                            for name, g in self.groups.items() if any(c.score == "winsorized" for c in g.charts)},
+            "bulk_charts": self._bulk_columns(),
         })
+        return out
+
+    def _bulk_columns(self) -> dict[str, dict[str, list[str]]]:
+        """Per group with bulk charts, the columns each one watches (those long-tailed on its side)."""
+        out: dict[str, dict[str, list[str]]] = {}
+        for name, g in self.groups.items():
+            for i, c in enumerate(g.charts):
+                if c.score == "winsorized":
+                    out.setdefault(name, {})[c.name] = [g.names[j] for j in np.flatnonzero(g.watch[i])]
         return out
 
 
