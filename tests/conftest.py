@@ -13,14 +13,17 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 import yaml
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.broker import EmbeddedBroker, free_port
+from monitor.detectors import ModelBatch
 from tests.tcpproxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +107,18 @@ def event(i: int, model: str = "fraud", **fields: Any) -> dict[str, Any]:
            "confidence": 0.9, "latency_ms": 20.0}
     out.update(fields)
     return out
+
+
+def features_batch(x: np.ndarray, start: int = 0, model: str = "m") -> ModelBatch:
+    """A batch of model ``model`` whose events carry only the feature rows ``x`` (already parsed), at
+    offsets and times ``start``, ``start + 1``, ...: the drift detector's charts without JSON."""
+    events = [SimpleNamespace(ts=float(start + i), features=None, confidence=None, probabilities=None,
+                              prediction=None, label=None, event_id=str(start + i), client_id=None,
+                              model_version=None, latency_ms=None) for i in range(len(x))]
+    batch = ModelBatch(model, events, [SimpleNamespace(topic="t", partition=0, offset=start + i)
+                                       for i in range(len(x))])
+    batch.__dict__["features"] = (x, np.ones(len(x), dtype=bool))
+    return batch
 
 
 def write_config(path: Path, bootstrap: str, topics: dict[str, str], state_dir: Path, **extra: Any) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-from types import SimpleNamespace
 
 import msgspec
 import numpy as np
@@ -19,6 +18,7 @@ from monitor.detectors import ModelBatch, rank_cusum
 from monitor.detectors.confidence import LowConfidence
 from monitor.detectors.drift import ColumnGroup, Drift, chart_set
 from monitor.events import EventDecoder
+from tests.conftest import features_batch
 
 T0 = 1_764_000_000.0
 
@@ -323,8 +323,8 @@ def test_the_bulk_charts_find_a_shift_of_skewed_features_sooner_at_the_same_ert(
         for name, bulk in (("bulk", 2.0), ("level only", None)):
             d = Drift("m", Drift.Params(ert=1000, reference_size=1023, streams=[], classes=False, labels=False,
                                         sample_every=1, bulk=bulk))
-            d.update(_rows_batch(reference, 0))
-            found = d.update(_rows_batch(stream, 1023))
+            d.update(features_batch(reference, 0))
+            found = d.update(features_batch(stream, 1023))
             delays[name].append(min(f.source["offset"] for f in found) - 1023 + 1 if found else 10**6)
     bulk, level = np.asarray(delays["bulk"]), np.asarray(delays["level only"])
     print(f"median delay {np.median(bulk):.1f} with the bulk charts, {np.median(level):.1f} without; "
@@ -364,15 +364,6 @@ def test_the_bulk_charts_watch_long_tailed_columns_on_their_long_side_only():
     group.watch[up] = False
     alarms = group.update(moved)
     assert alarms and all(group.charts[c].score != "winsorized" for _, c, _, _ in alarms)
-
-
-def _rows_batch(x: np.ndarray, start: int) -> ModelBatch:
-    events = [SimpleNamespace(ts=T0 + start + i, features=None, confidence=None, probabilities=None, prediction=None,
-                              label=None, event_id=f"e{start + i}", client_id=None, model_version=None, latency_ms=None)
-              for i in range(len(x))]
-    batch = ModelBatch("m", events, [Rec(start + i) for i in range(len(x))])
-    batch.__dict__["features"] = (x, np.ones(len(x), dtype=bool))  # parsed already
-    return batch
 
 
 def test_a_rise_of_the_error_rate_on_labelled_events_is_detected(digits):

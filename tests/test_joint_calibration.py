@@ -5,14 +5,14 @@ The data is scikit-learn's breast-cancer table (30 features, groups of them corr
 from __future__ import annotations
 
 import pickle
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer
 
-from monitor.detectors import ModelBatch, joint_calibration
+from monitor.detectors import joint_calibration
 from monitor.detectors.drift import Drift, chart_set
+from tests.conftest import features_batch
 
 FAMILY = tuple((c.score, c.sign, c.k) for c in chart_set([0.5, 1.0, 2.0], 1.5))
 
@@ -62,24 +62,15 @@ def test_a_reference_is_simulated_once(cancer):
     reference = cancer[np.random.default_rng(3).integers(0, len(cancer), 1023)]
     params = Drift.Params(ert=1000, reference_size=1023, streams=[], classes=False, labels=False, sample_every=1)
     first, second = Drift("m", params), Drift("m", params)
-    first.update(_batch(reference))
+    first.update(features_batch(reference))
     simulated = len(joint_calibration._CACHE)
-    second.update(_batch(reference))
+    second.update(features_batch(reference))
     assert len(joint_calibration._CACHE) == simulated
     assert [c.h for c in first.groups["features"].charts] == [c.h for c in second.groups["features"].charts]
     described = first.describe()
     assert described["joint_calibration"]["charts"] < described["joint_calibration"]["union_charts"]
     bulk = described["bulk_charts"]["features"]  # long-tailed features (f13: area error) on their long side
     assert "f13" in bulk["mean up (2 sd, bulk)"] and bulk["mean down (2 sd, bulk)"] == []
-
-
-def _batch(x: np.ndarray, start: int = 0) -> ModelBatch:
-    events = [SimpleNamespace(ts=float(start + i), features=None, confidence=None, probabilities=None,
-                              prediction=None, label=None, event_id=str(start + i), client_id=None,
-                              model_version=None, latency_ms=None) for i in range(len(x))]
-    b = ModelBatch("m", events, [SimpleNamespace(topic="t", partition=0, offset=start + i) for i in range(len(x))])
-    b.__dict__["features"] = (x, np.ones(len(x), dtype=bool))
-    return b
 
 
 def first_alarms(cancer: np.ndarray, calibration: str, ert: float, runs: int, seed: int,
@@ -95,12 +86,12 @@ def first_alarms(cancer: np.ndarray, calibration: str, ert: float, runs: int, se
                           calibration=calibration)
     for _ in range(runs // per_reference):
         armed = Drift("m", params)
-        armed.update(_batch(cancer[rng.integers(0, len(cancer), 1023)]))
+        armed.update(features_batch(cancer[rng.integers(0, len(cancer), 1023)]))
         saved = pickle.dumps(armed)
         for _ in range(per_reference):
             d, at = pickle.loads(saved), horizon
             for start in range(0, horizon, 100):
-                found = d.update(_batch(cancer[rng.integers(0, len(cancer), 100)], start))
+                found = d.update(features_batch(cancer[rng.integers(0, len(cancer), 100)], start))
                 if found:
                     at = min(int(c["at_event"]) for f in found for c in f.evidence["columns"]) + 1
                     break
